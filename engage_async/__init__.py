@@ -1,0 +1,96 @@
+"""Asyncio client for the Voyado Engage contacts API, with a durable outbox.
+
+``import engage_async as ea``: open an `EngageSession` with an `EngageConfig`, await its
+methods; writes Engage cannot take are kept in a SQLite outbox and replayed by an
+`OutboxFlusher`. `engage_async.testing.FakeEngage` simulates Engage for tests.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from ._config import EngageConfig
+from ._errors import (
+    ChangeNotFound,
+    CircuitOpen,
+    ContactNotFound,
+    EmptyValueError,
+    EngageAuthError,
+    EngageConflict,
+    EngageConnectionError,
+    EngageError,
+    EngageHTTPError,
+    EngageServerError,
+    EngageTimeout,
+    EngageUnavailable,
+    EngageValidationError,
+    InvalidRequest,
+    MultipleMatches,
+    OutboxError,
+    PayloadError,
+    RateLimited,
+    UnexpectedResponse,
+)
+from ._models import (
+    Consent,
+    Contact,
+    ContactAttributes,
+    ContactOverview,
+    Delivery,
+    Meta,
+    Money,
+    PointAccount,
+    Preferences,
+    Promotion,
+    RedemptionChannel,
+    RewardVoucher,
+    Store,
+    Tiers,
+    Transaction,
+)
+from ._session import EngageSession
+from ._wire import CLEAR
+
+try:
+    __version__ = version("engage-async")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+    __version__ = "0.0.0"
+
+__all__ = [
+    "CLEAR",
+    "ChangeNotFound",
+    "CircuitOpen",
+    "Consent",
+    "Contact",
+    "ContactAttributes",
+    "ContactNotFound",
+    "ContactOverview",
+    "Delivery",
+    "EmptyValueError",
+    "EngageAuthError",
+    "EngageConfig",
+    "EngageConflict",
+    "EngageConnectionError",
+    "EngageError",
+    "EngageHTTPError",
+    "EngageServerError",
+    "EngageSession",
+    "EngageTimeout",
+    "EngageUnavailable",
+    "EngageValidationError",
+    "InvalidRequest",
+    "Meta",
+    "Money",
+    "MultipleMatches",
+    "OutboxError",
+    "PayloadError",
+    "PointAccount",
+    "Preferences",
+    "Promotion",
+    "RateLimited",
+    "RedemptionChannel",
+    "RewardVoucher",
+    "Store",
+    "Tiers",
+    "Transaction",
+    "UnexpectedResponse",
+    "__version__",
+]

@@ -1,0 +1,244 @@
+"""`EngageConfig`: everything a session, flusher or admin needs to know, validated up front."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import attrs
+
+__all__ = ["EngageConfig"]
+
+KEY_ATTRIBUTES = ("email", "mobilePhone", "socialSecurityNumber", "externalId", "memberNumber")
+_USER_AGENT = re.compile(r"[^/\s][^/\x00-\x1f]*/[^\s\x00-\x1f]+.*")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_base_url(_: Any, attribute: attrs.Attribute[str], value: str) -> None:
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValueError(f"{attribute.name}: must be an absolute http(s) URL")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise ValueError(f"{attribute.name}: must use https unless the host is loopback")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{attribute.name}: must not have a query or fragment")
+
+
+def _check_api_key(_: Any, attribute: attrs.Attribute[str], value: str) -> None:
+    if not value or not value.strip():
+        raise ValueError(f"{attribute.name}: must not be empty")
+    if any(c.isspace() for c in value):
+        raise ValueError(f"{attribute.name}: must not contain whitespace")
+
+
+def _check_user_agent(_: Any, attribute: attrs.Attribute[str], value: str) -> None:
+    if not _USER_AGENT.fullmatch(value):
+        raise ValueError(f'{attribute.name}: must look like "System/version", e.g. "AcmePOS/1.5"')
+
+
+def _positive(_: Any, attribute: attrs.Attribute[float], value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{attribute.name}: must be greater than 0")
+
+
+def _not_negative(_: Any, attribute: attrs.Attribute[float], value: float) -> None:
+    if value < 0:
+        raise ValueError(f"{attribute.name}: must not be negative")
+
+
+def _delays(
+    _: Any, attribute: attrs.Attribute[tuple[float, ...]], value: tuple[float, ...]
+) -> None:
+    if not value or any(not d > 0 for d in value):
+        raise ValueError(f"{attribute.name}: must be one or more delays greater than 0")
+
+
+def _contact_keys(_: Any, attribute: attrs.Attribute[Mapping[str, str]], value: Any) -> None:
+    for contact_type, key in value.items():
+        if key not in KEY_ATTRIBUTES:
+            raise ValueError(
+                f"{attribute.name}[{contact_type!r}]: must be one of {', '.join(KEY_ATTRIBUTES)}"
+            )
+
+
+def _strip_slash(value: str) -> str:
+    return value.rstrip("/")
+
+
+def _path_for(name: str) -> Callable[[str | os.PathLike[str]], Path]:
+    def convert(value: str | os.PathLike[str]) -> Path:
+        if not str(value).strip():
+            raise ValueError(f"{name}: must not be empty")
+        return Path(value)
+
+    return convert
+
+
+def _frozen_mapping(value: Mapping[str, str]) -> Mapping[str, str]:
+    return dict(value)
+
+
+@attrs.frozen(kw_only=True)
+class EngageConfig:
+    """How to reach Engage and how to behave when it cannot be reached.
+
+    Construct it directly or with `from_env`. Every field is validated here, so a bad value
+    fails at start-up with the field's name rather than at the first request. The API key
+    never appears in the repr.
+
+    """
+
+    base_url: str = attrs.field(converter=_strip_slash, validator=_check_base_url)
+    api_key: str = attrs.field(repr=False, validator=_check_api_key)
+    user_agent: str = attrs.field(validator=_check_user_agent)
+    outbox_path: Path = attrs.field(default=Path("engage-outbox.sqlite3"), converter=_path_for("outbox_path"))
+    api_version: Literal[2, 3] = attrs.field(default=3, validator=attrs.validators.in_((2, 3)))
+    rate_limit: float = attrs.field(default=40.0, validator=_positive)
+    interactive_deadline: float = attrs.field(default=3.0, validator=_positive)
+    request_timeout: float = attrs.field(default=30.0, validator=_positive)
+    fallback_mode: Literal["bulk", "xml"] = attrs.field(
+        default="bulk", validator=attrs.validators.in_(("bulk", "xml"))
+    )
+    xml_dir: Path = attrs.field(default=Path("engage-xml"), converter=_path_for("xml_dir"))
+    lease_seconds: float = attrs.field(default=30.0, validator=_positive)
+    durability: Literal["full", "normal"] = attrs.field(
+        default="full", validator=attrs.validators.in_(("full", "normal"))
+    )
+    # Beyond the contract's table: retry policy, breaker, identity map, flusher tuning.
+    retry_attempts: int = attrs.field(default=3, validator=attrs.validators.ge(1))
+    retry_initial_delay: float = attrs.field(default=0.1, validator=_positive)
+    retry_max_delay: float = attrs.field(default=1.0, validator=_positive)
+    background_delays: tuple[float, ...] = attrs.field(
+        default=(10.0, 30.0, 60.0, 300.0, 900.0), converter=tuple, validator=_delays
+    )
+    breaker_threshold: int = attrs.field(default=5, validator=attrs.validators.ge(1))
+    breaker_cooldown: float = attrs.field(default=30.0, validator=_positive)
+    identity_ttl: float = attrs.field(default=3600.0, validator=_not_negative)
+    default_contact_type: str = attrs.field(default="Member", validator=attrs.validators.min_len(1))
+    contact_keys: Mapping[str, str] = attrs.field(
+        factory=dict, converter=_frozen_mapping, validator=_contact_keys
+    )
+    custom_key_attribute: Literal["externalId", "memberNumber"] = attrs.field(
+        default="externalId", validator=attrs.validators.in_(("externalId", "memberNumber"))
+    )
+    bulk_threshold: int = attrs.field(default=20, validator=attrs.validators.ge(0))
+    bulk_max_items: int = attrs.field(
+        default=4000, validator=[attrs.validators.ge(1), attrs.validators.le(4000)]
+    )
+    busy_timeout: float = attrs.field(default=10.0, validator=_positive)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> EngageConfig:
+        """Build a config from ``ENGAGE_*`` environment variables; `overrides` win.
+
+        Raises:
+            ValueError: a variable is missing or malformed; the message names the variable.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, (variable, parse) in _ENVIRONMENT.items():
+            raw = env.get(variable)
+            if raw is None or raw == "" or name in overrides:
+                continue
+            try:
+                values[name] = parse(raw)
+            except ValueError as exc:
+                raise ValueError(f"{variable}: {exc}") from None
+        values.update(overrides)
+        for required in ("base_url", "api_key", "user_agent"):
+            if required not in values:
+                raise ValueError(f"{_ENVIRONMENT[required][0]}: must be set")
+        try:
+            return cls(**values)
+        except ValueError as exc:
+            # Point at the variable the user actually set, not only the field name.
+            field = str(exc).partition(":")[0].partition("[")[0]
+            if field in _ENVIRONMENT and field not in overrides:
+                raise ValueError(f"{_ENVIRONMENT[field][0]} ({exc})") from None
+            raise
+
+    @property
+    def api_root(self) -> str:
+        """``/api/v3`` or ``/api/v2``: the path prefix of every call."""
+        return f"/api/v{self.api_version}"
+
+    def key_attribute_for(self, contact_type: str) -> str | None:
+        """The key attribute configured for `contact_type`, or None to guess from the data."""
+        for name, key in self.contact_keys.items():
+            if name.lower() == contact_type.lower():
+                return key
+        return None
+
+
+def _parse_number(raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError("must be a number") from None
+
+
+def _parse_int(raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError("must be a whole number") from None
+
+
+def _parse_delays(raw: str) -> tuple[float, ...]:
+    return tuple(_parse_number(part) for part in raw.split(",") if part.strip())
+
+
+def _parse_contact_keys(raw: str) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        contact_type, sep, key = item.partition("=")
+        if not sep or not contact_type.strip() or not key.strip():
+            raise ValueError('must look like "Member=email,Contact=mobilePhone"')
+        result[contact_type.strip()] = key.strip()
+    return result
+
+
+def _same(raw: str) -> str:
+    return raw
+
+
+_ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "base_url": ("ENGAGE_BASE_URL", _same),
+    "api_key": ("ENGAGE_API_KEY", _same),
+    "user_agent": ("ENGAGE_USER_AGENT", _same),
+    "outbox_path": ("ENGAGE_OUTBOX", _same),
+    "api_version": ("ENGAGE_API_VERSION", _parse_int),
+    "rate_limit": ("ENGAGE_RATE_LIMIT", _parse_number),
+    "interactive_deadline": ("ENGAGE_INTERACTIVE_DEADLINE", _parse_number),
+    "request_timeout": ("ENGAGE_REQUEST_TIMEOUT", _parse_number),
+    "fallback_mode": ("ENGAGE_FALLBACK_MODE", _same),
+    "xml_dir": ("ENGAGE_XML_DIR", _same),
+    "lease_seconds": ("ENGAGE_LEASE_SECONDS", _parse_number),
+    "durability": ("ENGAGE_DURABILITY", _same),
+    "retry_attempts": ("ENGAGE_RETRY_ATTEMPTS", _parse_int),
+    "retry_initial_delay": ("ENGAGE_RETRY_INITIAL_DELAY", _parse_number),
+    "retry_max_delay": ("ENGAGE_RETRY_MAX_DELAY", _parse_number),
+    "background_delays": ("ENGAGE_BACKGROUND_DELAYS", _parse_delays),
+    "breaker_threshold": ("ENGAGE_BREAKER_THRESHOLD", _parse_int),
+    "breaker_cooldown": ("ENGAGE_BREAKER_COOLDOWN", _parse_number),
+    "identity_ttl": ("ENGAGE_IDENTITY_TTL", _parse_number),
+    "default_contact_type": ("ENGAGE_DEFAULT_CONTACT_TYPE", _same),
+    "contact_keys": ("ENGAGE_CONTACT_KEYS", _parse_contact_keys),
+    "custom_key_attribute": ("ENGAGE_CUSTOM_KEY_ATTRIBUTE", _same),
+    "bulk_threshold": ("ENGAGE_BULK_THRESHOLD", _parse_int),
+    "bulk_max_items": ("ENGAGE_BULK_MAX_ITEMS", _parse_int),
+    "busy_timeout": ("ENGAGE_BUSY_TIMEOUT", _parse_number),
+}

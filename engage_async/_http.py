@@ -1,0 +1,366 @@
+"""Sans-I/O HTTP: what to send to Engage, and what its answers mean.
+
+Pure functions only. A builder turns a method call into a `Call` (method, path, query,
+body); `read_response` turns (status, headers, body) into JSON data or the typed exception of
+`_errors`. The session is the one place that sends a `Call` over aiohttp, so everything here
+is tested by feeding it recorded answers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, Final
+from urllib.parse import quote
+
+import attrs
+
+from ._errors import (
+    ContactNotFound,
+    EngageAuthError,
+    EngageConflict,
+    EngageHTTPError,
+    EngageServerError,
+    EngageValidationError,
+    InvalidRequest,
+    MultipleMatches,
+    RateLimited,
+    UnexpectedResponse,
+)
+from ._redact import scrub
+
+__all__ = [
+    "Call",
+    "error_for_status",
+    "read_response",
+]
+
+MAX_BODY: Final = 2000
+PAGE_SIZE: Final = 100
+_IDENTIFIER = re.compile(r"[A-Za-z][A-Za-z0-9_.]{1,80}")
+
+
+@attrs.frozen
+class Call:
+    """One request to Engage, ready to send.
+
+    Attributes:
+        method: the HTTP method.
+        path: the path from the host on (``/api/v3/contacts/{id}``); holds no personal data.
+        query: name/value pairs, percent-encoded by `url_suffix` (a ``+`` becomes ``%2B``).
+        body: the JSON body, already encoded, or None.
+        headers: extra headers (API v2 sends create options as headers).
+        idempotent: sending it twice has the effect of sending it once, so it may be retried
+            blindly. False for creates, which must be looked up before a second attempt.
+        contact_call: a 404 means "no such contact" (rather than "no such endpoint").
+    """
+
+    method: str
+    path: str
+    query: tuple[tuple[str, str], ...] = ()
+    body: bytes | None = attrs.field(default=None, repr=False)
+    headers: tuple[tuple[str, str], ...] = attrs.field(default=(), repr=False)
+    idempotent: bool = True
+    contact_call: bool = True
+
+    @property
+    def target(self) -> str:
+        """``POST /api/v3/contacts``: how messages name the call (never with the query)."""
+        return f"{self.method} {self.path}"
+
+    def url_suffix(self) -> str:
+        """The path and the percent-encoded query string, to append to the base URL."""
+        if not self.query:
+            return self.path
+        encoded = "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in self.query)
+        return f"{self.path}?{encoded}"
+
+
+def encode_json(data: Any) -> bytes:
+    """Compact UTF-8 JSON, as sent on the wire and stored in the outbox."""
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _query(**params: str | None) -> tuple[tuple[str, str], ...]:
+    return tuple((name, value) for name, value in params.items() if value is not None)
+
+
+# --- request builders ---------------------------------------------------------------------
+
+
+def contact_id_lookup(root: str, identifiers: Mapping[str, str]) -> Call:
+    """``GET /contacts/id``: the GUID for an email, phone, personal number or custom key."""
+    return Call("GET", f"{root}/contacts/id", tuple(identifiers.items()))
+
+
+def contact_overview(root: str, identifiers: Mapping[str, str]) -> Call:
+    """``GET /contactoverview``: the enriched profile."""
+    return Call("GET", f"{root}/contactoverview", tuple(identifiers.items()))
+
+
+def get_contact(root: str, contact_id: str) -> Call:
+    """``GET /contacts/{id}``."""
+    return Call("GET", f"{root}/contacts/{contact_id}")
+
+
+def create_contact(
+    root: str,
+    api_version: int,
+    body: bytes,
+    *,
+    source: str | None,
+    store_external_id: str | None,
+    create_as_unapproved: bool,
+) -> Call:
+    """``POST /contacts``. v3 takes the options in the query string (as headers it would ignore
+    them); v2 takes them as headers.
+    """
+    options = _query(
+        source=source,
+        storeExternalId=store_external_id,
+        createAsUnapproved="true" if create_as_unapproved else None,
+    )
+    if api_version >= 3:
+        return Call("POST", f"{root}/contacts", options, body, idempotent=False)
+    return Call("POST", f"{root}/contacts", (), body, headers=options, idempotent=False)
+
+
+def update_contact(root: str, api_version: int, contact_id: str, body: bytes) -> Call:
+    """v3 ``PATCH /contacts/{id}``; v2 ``POST /contacts/{id}`` (same semantics).
+
+    Absolute values only, so sending it twice is harmless: idempotent.
+    """
+    method = "PATCH" if api_version >= 3 else "POST"
+    return Call(method, f"{root}/contacts/{contact_id}", (), body)
+
+
+def update_contact_type(root: str, contact_id: str, contact_type: str) -> Call:
+    """``POST /contacts/{id}/updateContactType?contactTypeId=``: the only way to change a type."""
+    return Call(
+        "POST",
+        f"{root}/contacts/{contact_id}/updateContactType",
+        _query(contactTypeId=contact_type),
+    )
+
+
+def promote_to_member(root: str, api_version: int, contact_id: str) -> Call:
+    """v3: updateContactType to Member; v2: ``POST /contacts/{id}/promoteToMember``."""
+    if api_version >= 3:
+        return update_contact_type(root, contact_id, "Member")
+    return Call("POST", f"{root}/contacts/{contact_id}/promoteToMember", (), b"{}")
+
+
+def transactions(root: str, api_version: int, contact_id: str, offset: int, count: int) -> Call:
+    """A page of a contact's purchases and returns.
+
+    v3 takes the contact in the query (``/contacts/transactions?contactId=``, as the contacts
+    flow documents it); v2 in the path.
+    """
+    page = _query(offset=str(offset), count=str(count))
+    if api_version >= 3:
+        return Call("GET", f"{root}/contacts/transactions", (("contactId", contact_id), *page))
+    return Call("GET", f"{root}/contacts/{contact_id}/transactions", page)
+
+
+def promotion_assignments(
+    root: str, api_version: int, contact_id: str, channel: str | None, offset: int, count: int
+) -> Call:
+    """A contact's active promotions, optionally for one redemption channel."""
+    page = _query(redemptionChannelType=channel, offset=str(offset), count=str(count))
+    if api_version >= 3:
+        return Call("GET", f"{root}/promotion-assignments", (("contactId", contact_id), *page))
+    return Call("GET", f"{root}/contacts/{contact_id}/promotions", page)
+
+
+def point_accounts(root: str, contact_id: str, offset: int, count: int) -> Call:
+    """A page of a contact's point accounts."""
+    return Call(
+        "GET",
+        f"{root}/point-accounts",
+        _query(contactId=contact_id, offset=str(offset), count=str(count)),
+    )
+
+
+def bulk_create(root: str, contact_type: str, body: bytes) -> Call:
+    """``POST /contacts/bulk?contactType=``: up to 4000 creates of one type, as a batch."""
+    return Call(
+        "POST",
+        f"{root}/contacts/bulk",
+        _query(contactType=contact_type),
+        body,
+        idempotent=False,
+        contact_call=False,
+    )
+
+
+def bulk_update(root: str, body: bytes) -> Call:
+    """``PATCH /contacts/bulk``: up to 4000 updates, each naming its contactId."""
+    return Call("PATCH", f"{root}/contacts/bulk", (), body, idempotent=False, contact_call=False)
+
+
+def bulk_status(root: str, batch_id: str) -> Call:
+    """``GET /contacts/bulk/status?batchId=``."""
+    return Call("GET", f"{root}/contacts/bulk/status", _query(batchId=batch_id), contact_call=False)
+
+
+# --- reading answers ----------------------------------------------------------------------
+
+
+def read_response(call: Call, status: int, headers: Mapping[str, str], body: bytes) -> Any:
+    """The JSON of a 2xx answer (None when empty), or raise the matching `EngageHTTPError`.
+
+    Raises:
+        EngageHTTPError: a subclass chosen by `error_for_status`.
+        UnexpectedResponse: a 2xx whose body is not JSON.
+    """
+    if not 200 <= status < 300:
+        raise error_for_status(call, status, headers, body)
+    if not body.strip():
+        return None
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise UnexpectedResponse(
+            f"{call.target} -> {status}: the answer is not JSON ({_content_type(headers)})"
+        ) from None
+
+
+def _content_type(headers: Mapping[str, str]) -> str:
+    for name, value in headers.items():
+        if name.lower() == "content-type":
+            return value.split(";")[0].strip() or "no content type"
+    return "no content type"
+
+
+def _header(headers: Mapping[str, str], wanted: str) -> str | None:
+    for name, value in headers.items():
+        if name.lower() == wanted:
+            return value
+    return None
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _error_fields(body: bytes) -> tuple[str | None, str | None, dict[str, Any]]:
+    """Error code, message and details, read leniently: Engage's schema is not published."""
+    try:
+        data = json.loads(body) if body.strip() else None
+    except ValueError:
+        return None, None, {}
+    if isinstance(data, str):
+        return (data if _IDENTIFIER.fullmatch(data) else None), data, {}
+    if not isinstance(data, Mapping):
+        return None, None, {}
+    texts = {key.lower(): value for key, value in data.items() if isinstance(value, str)}
+    code = next(
+        (texts[key] for key in ("errorcode", "code", "error") if texts.get(key)),
+        None,
+    )
+    message = next(
+        (texts[key] for key in ("message", "detail", "title", "errormessage") if texts.get(key)),
+        None,
+    )
+    if code is None and message is not None and _IDENTIFIER.fullmatch(message):
+        code = message
+    details = data.get("messageDetails", data.get("MessageDetails"))
+    if details is None:
+        details = {}
+    elif not isinstance(details, Mapping):
+        details = {"value": details}
+    return code, message, dict(details)
+
+
+_STATUS_CLASSES: Final[dict[int, type[EngageHTTPError]]] = {
+    400: InvalidRequest,
+    401: EngageAuthError,
+    403: EngageAuthError,
+    409: EngageConflict,
+    422: EngageValidationError,
+    429: RateLimited,
+}
+
+
+def error_for_status(
+    call: Call, status: int, headers: Mapping[str, str], body: bytes
+) -> EngageHTTPError:
+    """The exception for an error answer: one pure function from status and body to class.
+
+    An HTML page from a proxy (a 502, say) is still a server error, never a JSON crash.
+    """
+    code, message, details = _error_fields(body)
+    text = body[:MAX_BODY].decode("utf-8", errors="replace")
+    summary = f"{call.target} -> {status}"
+    if code:
+        summary += f" {code}"
+    if message and message != code:
+        summary += f": {scrub(message)}"
+    elif not code and text.strip():
+        summary += f" ({_content_type(headers)} body)"
+    common: dict[str, Any] = {
+        "status": status,
+        "error_code": code,
+        "message": message,
+        "details": details,
+        "body": text,
+        "method": call.method,
+        "path": call.path,
+    }
+    if status == 404:
+        is_contact = code == "ContactNotFound" or (code is None and call.contact_call)
+        cls: type[EngageHTTPError] = ContactNotFound if is_contact else EngageHTTPError
+        return cls(summary, **common)
+    if status == 409 and code == "MultipleMatches":
+        found = details.get("multipleMatchesFound") or ()
+        ids = [str(item) for item in found] if isinstance(found, list) else []
+        return MultipleMatches(summary, contact_ids=ids, **common)
+    if status == 429:
+        retry_after = _parse_retry_after(_header(headers, "retry-after"))
+        return RateLimited(summary, retry_after=retry_after, **common)
+    if status >= 500:
+        return EngageServerError(summary, **common)
+    return _STATUS_CLASSES.get(status, EngageHTTPError)(summary, **common)
+
+
+def read_contact_id(data: Any) -> str | None:
+    """The GUID in a ``/contacts/id`` answer: a bare JSON string, or tolerantly an object."""
+    if isinstance(data, Mapping):
+        data = data.get("contactId", data.get("id"))
+    return data.strip().strip('"') or None if isinstance(data, str) else None
+
+
+def read_page(data: Any) -> tuple[list[Any], int | None]:
+    """Items and total of a list answer, which Engage gives either as a bare array or as a
+    paged object ``{"items": [...], "totalCount": n, ...}``; the total is None for arrays.
+    """
+    if isinstance(data, list):
+        return data, None
+    if isinstance(data, Mapping):
+        items = data.get("items", data.get("Items"))
+        total = data.get("totalCount", data.get("TotalCount"))
+        return (
+            list(items) if isinstance(items, list) else [],
+            total if isinstance(total, int) else None,
+        )
+    return [], None
+
+
+def read_batch_id(data: Any) -> str | None:
+    """The batch id from a bulk answer: a bare JSON string, or tolerantly an object."""
+    if isinstance(data, Mapping):
+        data = data.get("batchId", data.get("BatchId", data.get("id")))
+    return data.strip() or None if isinstance(data, str) else None

@@ -1,0 +1,143 @@
+"""The outbox's tables, and the forward migrations between their versions.
+
+``PRAGMA application_id`` marks the file as ours, so a foreign SQLite database at the outbox
+path is refused instead of being written into; ``PRAGMA user_version`` is the schema version.
+A migration is appended to `MIGRATIONS`, never edited once released: a file is walked forward
+one version at a time, each step in its own transaction. A file from a newer engage-async is
+refused rather than guessed at.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Final
+
+from ._errors import OutboxError
+
+__all__ = ["APPLICATION_ID", "MIGRATIONS", "migrate"]
+
+APPLICATION_ID: Final = 0x45414F42  # "EAOB": engage-async outbox
+
+_V1 = """
+CREATE TABLE changes (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,  -- order of acceptance
+    change_id       TEXT NOT NULL UNIQUE,
+    operation       TEXT NOT NULL
+                    CHECK (operation IN ('create', 'update', 'contact_type', 'promote')),
+    state           TEXT NOT NULL DEFAULT 'pending'
+                    CHECK (state IN ('pending', 'inflight', 'waiting_guid', 'done', 'dead')),
+    contact_key     TEXT NOT NULL,      -- 'id:<guid>' or 'ref:<ref>': changes to one contact
+                                        -- are applied in seq order
+    contact_id      TEXT,               -- the GUID, once known
+    ref             TEXT,               -- the ref of the create this contact came from
+    contact_type    TEXT,               -- create: its type; contact_type: the target type
+    key_name        TEXT,               -- the contact's key attribute, for lookups
+    key_value       TEXT,
+    body            TEXT,               -- the exact JSON body to send
+    folded          TEXT,               -- updates folded into a create (applied as an
+                                        -- update if the contact turns out to exist)
+    query           TEXT,               -- JSON object: source, storeExternalId, ...
+    lookup_first    INTEGER NOT NULL DEFAULT 0,  -- a create that may exist: look up first
+    if_exists       TEXT,               -- create: 'return' or 'update'
+    attempts        INTEGER NOT NULL DEFAULT 0,  -- definitive failures only, never outages
+    created_at      REAL NOT NULL,
+    updated_at      REAL NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    lease_owner     TEXT,
+    lease_until     REAL,
+    batch_id        TEXT,
+    batch_index     INTEGER,
+    error_code      TEXT,
+    last_error      TEXT,
+    exported_to     TEXT,
+    done_at         REAL
+);
+-- The head of each contact's chain, and what a claim scans.
+CREATE INDEX changes_active_by_contact ON changes (contact_key, seq)
+    WHERE state IN ('pending', 'inflight', 'waiting_guid');
+CREATE INDEX changes_pending ON changes (seq) WHERE state = 'pending';
+CREATE INDEX changes_inflight ON changes (lease_until) WHERE state = 'inflight';
+CREATE INDEX changes_waiting ON changes (next_attempt_at) WHERE state = 'waiting_guid';
+CREATE INDEX changes_by_state ON changes (state, seq);
+CREATE INDEX changes_by_batch ON changes (batch_id) WHERE batch_id IS NOT NULL;
+CREATE INDEX changes_by_ref ON changes (ref) WHERE ref IS NOT NULL;
+
+-- key -> GUID: 'ref:<ref>' (kept for ever) or 'key:<attribute>:<type>:<value>' (a cache).
+CREATE TABLE identities (
+    key         TEXT PRIMARY KEY,
+    contact_id  TEXT NOT NULL,
+    updated_at  REAL NOT NULL
+) WITHOUT ROWID;
+
+-- Bulk batches Engage accepted and that are being followed until they finish.
+CREATE TABLE batches (
+    batch_id     TEXT PRIMARY KEY,
+    kind         TEXT NOT NULL CHECK (kind IN ('create', 'update')),
+    contact_type TEXT,
+    submitted_at REAL NOT NULL,
+    next_poll_at REAL NOT NULL,
+    polls        INTEGER NOT NULL DEFAULT 0,
+    lease_owner  TEXT,
+    lease_until  REAL,
+    status       TEXT
+) WITHOUT ROWID;
+
+-- Shared flusher state, e.g. the pause after an outage that every flusher obeys.
+CREATE TABLE control (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+"""
+
+MIGRATIONS: Final[tuple[str, ...]] = (_V1,)
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring the file to the current schema, or refuse it. Runs outside a transaction.
+
+    Raises:
+        OutboxError: a foreign database, or one written by a newer engage-async.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        application_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        has_tables = conn.execute(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table'"
+        ).fetchone()[0]
+        if application_id != APPLICATION_ID and (application_id != 0 or has_tables):
+            raise OutboxError(
+                "the file is a SQLite database that is not an engage-async outbox; "
+                "it was left untouched"
+            )
+        if version > len(MIGRATIONS):
+            raise OutboxError(
+                f"the outbox has schema version {version}, newer than this engage-async "
+                f"understands ({len(MIGRATIONS)}); upgrade engage-async"
+            )
+        if application_id == 0:
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    while version < len(MIGRATIONS):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Another process may have migrated while we waited for the lock.
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version < len(MIGRATIONS):
+                for statement in _statements(MIGRATIONS[version]):
+                    conn.execute(statement)
+                version += 1
+                conn.execute(f"PRAGMA user_version = {version}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration into statements (executescript would commit on its own)."""
+    without_comments = "\n".join(line.split("--", 1)[0] for line in script.splitlines())
+    return [part.strip() for part in without_comments.split(";") if part.strip()]

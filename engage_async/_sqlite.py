@@ -1,0 +1,174 @@
+"""The outbox's SQLite file: opening it safely, and running transactions off the event loop.
+
+aiosqlite gives each connection one worker thread. Its public API costs a thread hop per
+statement; a transaction of four statements then costs four hops, which is most of an
+enqueue's time. `Database.write` instead sends one function that runs the whole transaction
+(``BEGIN IMMEDIATE`` ... ``COMMIT``) on that thread in a single hop, through aiosqlite's
+``Connection._execute``: the one place this project touches aiosqlite internals (its version
+is capped in pyproject.toml, and tests/test_sqlite.py fails first if the seam moves).
+
+Every write transaction starts with ``BEGIN IMMEDIATE``: a deferred transaction that later
+needs the write lock fails at once with SQLITE_BUSY, ignoring the busy timeout, when another
+process holds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import aiosqlite
+
+from ._errors import OutboxError
+
+__all__ = ["Database"]
+
+T = TypeVar("T")
+
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _describe(exc: BaseException) -> str:
+    """A short reason for an OutboxError; SQLite's messages hold no personal data."""
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _check_existing_file(path: Path) -> None:
+    """Refuse a file that is not SQLite before SQLite touches it (it would not overwrite it,
+    but the error would be confusing).
+    """
+    try:
+        with path.open("rb") as f:
+            header = f.read(len(_SQLITE_HEADER))
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise OutboxError(f"cannot read the outbox at {path}: {_describe(exc)}") from exc
+    if header and header != _SQLITE_HEADER:
+        raise OutboxError(
+            f"{path} exists and is not an engage-async outbox (not a SQLite file); "
+            "it was left untouched"
+        )
+
+
+def _create_private(path: Path) -> None:
+    """Create the file readable by its owner only: it will hold personal data."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise OutboxError(f"cannot create the outbox at {path}: {_describe(exc)}") from exc
+    os.close(fd)
+
+
+def _tighten_mode(path: Path) -> None:
+    """An existing outbox opened by other tools may be group/world readable; narrow it."""
+    with contextlib.suppress(OSError):
+        if stat.S_IMODE(path.stat().st_mode) & 0o077:
+            path.chmod(0o600)
+
+
+class Database:
+    """One connection to the outbox file, with transactions run in one thread hop each."""
+
+    def __init__(self, connection: aiosqlite.Connection, path: Path) -> None:
+        self._connection = connection
+        self.path = path
+
+    @classmethod
+    async def open(
+        cls,
+        path: Path,
+        *,
+        busy_timeout: float,
+        durability: Literal["full", "normal"],
+    ) -> Database:
+        """Open (creating if need be) the file with WAL, the busy timeout and durability set.
+
+        Raises:
+            OutboxError: the file is foreign, unreadable, or cannot be created.
+        """
+        path = Path(path)
+        if path.parent and not path.parent.exists():
+            raise OutboxError(f"the outbox directory {path.parent} does not exist")
+        _check_existing_file(path)
+        _create_private(path)
+        _tighten_mode(path)
+        try:
+            connection = await aiosqlite.connect(path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise OutboxError(f"cannot open the outbox at {path}: {_describe(exc)}") from exc
+        db = cls(connection, path)
+        milliseconds = int(busy_timeout * 1000)
+        synchronous = "FULL" if durability == "full" else "NORMAL"
+
+        def configure(conn: sqlite3.Connection) -> None:
+            # busy_timeout first, so that even switching to WAL waits for other processes.
+            conn.execute(f"PRAGMA busy_timeout = {milliseconds}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise sqlite3.OperationalError(f"could not switch to WAL (got {mode})")
+            conn.execute(f"PRAGMA synchronous = {synchronous}")
+            conn.execute("PRAGMA foreign_keys = ON")
+
+        try:
+            await db.run(configure)
+        except OutboxError:
+            await db.close()
+            raise
+        return db
+
+    async def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work(connection)` on the connection's thread, outside any transaction."""
+        if self._connection._connection is None:
+            raise OutboxError(f"the outbox at {self.path} is closed")
+        try:
+            result: T = await self._connection._execute(  # type: ignore[no-untyped-call]
+                work, self._connection._conn
+            )
+        except sqlite3.Error as exc:
+            raise OutboxError(f"outbox at {self.path}: {_describe(exc)}") from exc
+        return result
+
+    async def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` inside ``BEGIN IMMEDIATE`` ... ``COMMIT``; roll back if it raises.
+
+        Returns only after the commit, so what `work` wrote is on disk (as durable as the
+        ``synchronous`` setting makes it).
+        """
+
+        def transaction(conn: sqlite3.Connection) -> T:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return result
+
+        return await self.run(transaction)
+
+    async def read(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` in one read transaction: a consistent snapshot across its statements."""
+
+        def transaction(conn: sqlite3.Connection) -> T:
+            conn.execute("BEGIN")
+            try:
+                return work(conn)
+            finally:
+                conn.execute("COMMIT")
+
+        return await self.run(transaction)
+
+    async def close(self) -> None:
+        """Close the connection; safe to call twice."""
+        with contextlib.suppress(sqlite3.Error, ValueError):
+            await self._connection.close()

@@ -1,0 +1,281 @@
+"""Engage's wire format: camelCase JSON to models, and payloads guarded before they are sent.
+
+One cattrs converter, built by `make_converter`, maps every model field ``snake_case`` <->
+``camelCase``. It is tolerant, as Engage asks clients to be: unknown keys are ignored, a
+``null`` where an object or a list belongs reads as empty, and a date it cannot parse reads as
+None (the original stays in `.raw`).
+
+The payload guard (`prepare_payload`) enforces Engage's rule that an update carries only what
+changes: a None or "" anywhere in a payload would overwrite data, so it raises
+`EmptyValueError` naming the field; `CLEAR` clears a field on purpose.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from datetime import date, datetime
+from typing import Any, Final, TypeVar
+
+import attrs
+import cattrs
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
+
+from ._errors import EmptyValueError, PayloadError, UnexpectedResponse
+
+__all__ = [
+    "CLEAR",
+    "Clear",
+    "camel",
+    "converter",
+    "make_converter",
+    "normalize_contact_id",
+    "prepare_payload",
+    "structure",
+]
+
+T = TypeVar("T")
+
+_GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_BIRTH_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+class Clear:
+    """The type of `CLEAR`, the one value that clears a field on Engage."""
+
+    _instance: Clear | None = None
+
+    def __new__(cls) -> Clear:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "CLEAR"
+
+    def __reduce__(self) -> str:
+        return "CLEAR"
+
+
+CLEAR: Final = Clear()
+
+
+def camel(name: str) -> str:
+    """``reward_vouchers`` -> ``rewardVouchers``."""
+    head, *rest = name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def _parse_datetime(value: Any, _: type) -> datetime | None:
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return None
+
+
+def _parse_date(value: Any, _: type) -> date | None:
+    if isinstance(value, date):
+        return value
+    if not isinstance(value, str):
+        return None
+    try:
+        return date.fromisoformat(value[:10])
+    except ValueError:
+        return None
+
+
+def _passthrough(value: Any, _: type) -> Any:
+    return value
+
+
+def _is_homogeneous_tuple(kind: Any) -> bool:
+    args = typing.get_args(kind)
+    return typing.get_origin(kind) is tuple and len(args) == 2 and args[1] is Ellipsis
+
+
+def _is_scalar_union(kind: Any) -> bool:
+    """``str | float | None`` and friends: Engage sends either, so keep what it sent."""
+    if typing.get_origin(kind) not in {typing.Union, types.UnionType}:
+        return False
+    members = {a for a in typing.get_args(kind) if a is not type(None)}
+    return len(members) > 1 and members <= {str, int, float, bool}
+
+
+def make_converter() -> cattrs.Converter:
+    """Build the converter for Engage's JSON (never the global cattrs one)."""
+    conv = cattrs.Converter()
+    conv.register_structure_hook(datetime, _parse_datetime)
+    conv.register_structure_hook(date, _parse_date)
+    conv.register_unstructure_hook(datetime, datetime.isoformat)
+    conv.register_unstructure_hook(date, date.isoformat)
+    conv.register_structure_hook_func(_is_scalar_union, _passthrough)
+    conv.register_structure_hook_func(lambda kind: kind == Mapping[str, Any], _passthrough)
+
+    def tuple_hook(kind: Any) -> Callable[[Any, Any], tuple[Any, ...]]:
+        item = typing.get_args(kind)[0]
+        handler = conv.get_structure_hook(item)
+
+        def structure_tuple(value: Any, _: Any) -> tuple[Any, ...]:
+            if value is None:
+                return ()
+            if isinstance(value, str | bytes | Mapping):
+                value = [value]
+            return tuple(handler(element, item) for element in value)
+
+        return structure_tuple
+
+    conv.register_structure_hook_factory(_is_homogeneous_tuple, tuple_hook)
+
+    def structure_hook(cls: type) -> Callable[[Any, Any], Any]:
+        fields = attrs.fields(cls)
+        renames = {
+            f.name: override(omit=True) if f.name == "raw" else override(rename=camel(f.name))
+            for f in fields
+        }
+        build: Callable[[Any, Any], Any] = make_dict_structure_fn(cls, conv, **renames)  # type: ignore[arg-type]
+        keeps_raw = any(f.name == "raw" for f in fields)
+
+        def structure_model(value: Any, kind: Any) -> Any:
+            if value is None:
+                value = {}
+            if not isinstance(value, Mapping):
+                raise TypeError(f"expected a JSON object, got {type(value).__name__}")
+            model = build(value, kind)
+            if keeps_raw:
+                object.__setattr__(model, "raw", value)
+            return model
+
+        return structure_model
+
+    def unstructure_hook(cls: type) -> Callable[[Any], dict[str, Any]]:
+        renames = {
+            f.name: override(omit=True) if f.name == "raw" else override(rename=camel(f.name))
+            for f in attrs.fields(cls)
+        }
+        return make_dict_unstructure_fn(
+            cls,
+            conv,
+            _cattrs_omit_if_default=True,
+            **renames,  # type: ignore[arg-type]
+        )
+
+    conv.register_structure_hook_factory(attrs.has, structure_hook)
+    conv.register_unstructure_hook_factory(attrs.has, unstructure_hook)
+    return conv
+
+
+converter: Final = make_converter()
+
+
+def structure(data: Any, kind: type[T]) -> T:
+    """Read Engage JSON into a model, turning cattrs' errors into `UnexpectedResponse`."""
+    try:
+        return converter.structure(data, kind)
+    except Exception as exc:
+        problems = "; ".join(cattrs.transform_error(exc)) if isinstance(exc, Exception) else ""
+        raise UnexpectedResponse(
+            f"could not read {kind.__name__} from Engage's answer: {problems or exc}"
+        ) from None
+
+
+def normalize_contact_id(value: object, field: str = "contact_id") -> str:
+    """Check that `value` is a contact GUID and return it in lower case.
+
+    Engage's ids are 8-4-4-4-12 hex strings; the version bits are not checked because real ids
+    are not RFC 4122 version 4.
+
+    Raises:
+        TypeError: not a string.
+        ValueError: not shaped like a GUID (the value is not repeated; it may be personal data).
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"{field}: must be a str, not {type(value).__name__}")
+    if not _GUID.fullmatch(value):
+        raise ValueError(f"{field}: not a contact id (expected a GUID such as 2e40b702-...)")
+    return value.lower()
+
+
+def prepare_payload(payload: object, field: str) -> dict[str, Any]:
+    """Check a create or update payload and return its wire form (a new dict).
+
+    `payload` is a mapping of Engage attribute names, or an attrs model such as
+    `ContactAttributes` (whose None fields are simply not sent).
+
+    Raises:
+        TypeError: `payload` is neither a mapping nor a model, or a key is not a str.
+        EmptyValueError: a None or "" value, at any depth.
+        PayloadError: ``birthDay`` is not YYYY-MM-DD, a consent lacks ``id`` or ``value``, or a
+            value cannot be sent as JSON.
+    """
+    if attrs.has(type(payload)):
+        payload = converter.unstructure(payload)
+    if not isinstance(payload, Mapping):
+        raise TypeError(f"{field}: must be a mapping of Engage attribute names")
+    wire = _prepare_mapping(payload, field)
+    _check_known_fields(wire, field)
+    return wire
+
+
+def _prepare_mapping(payload: Mapping[Any, Any], path: str) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in payload.items():
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"{path}: keys must be non-empty str, got {type(key).__name__}")
+        result[key] = _prepare_value(value, f"{path}.{key}")
+    return result
+
+
+def _prepare_value(value: Any, path: str) -> Any:
+    if value is CLEAR:
+        return None
+    if value is None or value == "":
+        raise EmptyValueError(
+            path, "empty values overwrite data on Engage; leave the field out, or send CLEAR"
+        )
+    if isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise PayloadError(path, "must be a finite number")
+        return value
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if attrs.has(type(value)):
+        return _prepare_mapping(converter.unstructure(value), path)
+    if isinstance(value, Mapping):
+        return _prepare_mapping(value, path)
+    if isinstance(value, Sequence) and not isinstance(value, bytes | bytearray):
+        return [_prepare_value(item, f"{path}[{i}]") for i, item in enumerate(value)]
+    raise PayloadError(path, f"cannot be sent as JSON ({type(value).__name__})")
+
+
+def _check_known_fields(wire: Mapping[str, Any], field: str) -> None:
+    birth_day = wire.get("birthDay")
+    if birth_day is not None:
+        if not isinstance(birth_day, str) or not _BIRTH_DAY.fullmatch(birth_day):
+            raise PayloadError(f"{field}.birthDay", "must be a date written YYYY-MM-DD")
+        try:
+            date.fromisoformat(birth_day)
+        except ValueError:
+            raise PayloadError(f"{field}.birthDay", "is not a real date") from None
+    consents = wire.get("consents")
+    if consents is not None:
+        if not isinstance(consents, list):
+            raise PayloadError(f"{field}.consents", "must be a list of consents")
+        for i, consent in enumerate(consents):
+            where = f"{field}.consents[{i}]"
+            if not isinstance(consent, Mapping):
+                raise PayloadError(where, "must be an object with id and value")
+            for required in ("id", "value"):
+                if consent.get(required) is None:
+                    raise PayloadError(f"{where}.{required}", "is required")
+    preferences = wire.get("preferences")
+    if preferences is not None and not isinstance(preferences, Mapping):
+        raise PayloadError(f"{field}.preferences", "must be an object")
