@@ -29,12 +29,14 @@ from ._errors import (
     RateLimited,
     UnexpectedResponse,
 )
+from ._flusher import OutboxFlusher
 from ._models import (
     Consent,
     Contact,
     ContactAttributes,
     ContactOverview,
     Delivery,
+    FlushReport,
     Meta,
     Money,
     PointAccount,
@@ -76,11 +78,13 @@ __all__ = [
     "EngageTimeout",
     "EngageUnavailable",
     "EngageValidationError",
+    "FlushReport",
     "InvalidRequest",
     "Meta",
     "Money",
     "MultipleMatches",
     "OutboxError",
+    "OutboxFlusher",
     "PayloadError",
     "PointAccount",
     "Preferences",

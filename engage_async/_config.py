@@ -78,13 +78,18 @@ def _strip_slash(value: str) -> str:
     return value.rstrip("/")
 
 
-def _path_for(name: str) -> Callable[[str | os.PathLike[str]], Path]:
-    def convert(value: str | os.PathLike[str]) -> Path:
-        if not str(value).strip():
-            raise ValueError(f"{name}: must not be empty")
-        return Path(value)
+def _path(value: str | os.PathLike[str], name: str) -> Path:
+    if not str(value).strip():
+        raise ValueError(f"{name}: must not be empty")
+    return Path(value)
 
-    return convert
+
+def _outbox_path(value: str | os.PathLike[str]) -> Path:
+    return _path(value, "outbox_path")
+
+
+def _xml_dir(value: str | os.PathLike[str]) -> Path:
+    return _path(value, "xml_dir")
 
 
 def _frozen_mapping(value: Mapping[str, str]) -> Mapping[str, str]:
@@ -104,7 +109,7 @@ class EngageConfig:
     base_url: str = attrs.field(converter=_strip_slash, validator=_check_base_url)
     api_key: str = attrs.field(repr=False, validator=_check_api_key)
     user_agent: str = attrs.field(validator=_check_user_agent)
-    outbox_path: Path = attrs.field(default=Path("engage-outbox.sqlite3"), converter=_path_for("outbox_path"))
+    outbox_path: Path = attrs.field(default=Path("engage-outbox.sqlite3"), converter=_outbox_path)
     api_version: Literal[2, 3] = attrs.field(default=3, validator=attrs.validators.in_((2, 3)))
     rate_limit: float = attrs.field(default=40.0, validator=_positive)
     interactive_deadline: float = attrs.field(default=3.0, validator=_positive)
@@ -112,7 +117,7 @@ class EngageConfig:
     fallback_mode: Literal["bulk", "xml"] = attrs.field(
         default="bulk", validator=attrs.validators.in_(("bulk", "xml"))
     )
-    xml_dir: Path = attrs.field(default=Path("engage-xml"), converter=_path_for("xml_dir"))
+    xml_dir: Path = attrs.field(default=Path("engage-xml"), converter=_xml_dir)
     lease_seconds: float = attrs.field(default=30.0, validator=_positive)
     durability: Literal["full", "normal"] = attrs.field(
         default="full", validator=attrs.validators.in_(("full", "normal"))
@@ -139,6 +144,13 @@ class EngageConfig:
         default=4000, validator=[attrs.validators.ge(1), attrs.validators.le(4000)]
     )
     busy_timeout: float = attrs.field(default=10.0, validator=_positive)
+    max_attempts: int = attrs.field(default=8, validator=attrs.validators.ge(1))
+    batch_poll_initial: float = attrs.field(default=2.0, validator=_positive)
+    batch_poll_max: float = attrs.field(default=60.0, validator=_positive)
+    batch_timeout: float = attrs.field(default=6 * 3600.0, validator=_positive)
+    reconcile_max_lookups: int = attrs.field(default=12, validator=attrs.validators.ge(1))
+    poll_interval: float = attrs.field(default=1.0, validator=_positive)
+    keep_done: float = attrs.field(default=7 * 86400.0, validator=_not_negative)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> EngageConfig:
@@ -241,4 +253,11 @@ _ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "bulk_threshold": ("ENGAGE_BULK_THRESHOLD", _parse_int),
     "bulk_max_items": ("ENGAGE_BULK_MAX_ITEMS", _parse_int),
     "busy_timeout": ("ENGAGE_BUSY_TIMEOUT", _parse_number),
+    "max_attempts": ("ENGAGE_MAX_ATTEMPTS", _parse_int),
+    "batch_poll_initial": ("ENGAGE_BATCH_POLL_INITIAL", _parse_number),
+    "batch_poll_max": ("ENGAGE_BATCH_POLL_MAX", _parse_number),
+    "batch_timeout": ("ENGAGE_BATCH_TIMEOUT", _parse_number),
+    "reconcile_max_lookups": ("ENGAGE_RECONCILE_MAX_LOOKUPS", _parse_int),
+    "poll_interval": ("ENGAGE_POLL_INTERVAL", _parse_number),
+    "keep_done": ("ENGAGE_KEEP_DONE", _parse_number),
 }

@@ -364,3 +364,104 @@ def read_batch_id(data: Any) -> str | None:
     if isinstance(data, Mapping):
         data = data.get("batchId", data.get("BatchId", data.get("id")))
     return data.strip() or None if isinstance(data, str) else None
+
+
+_FINISHED = frozenset(
+    {
+        "finished", "completed", "complete", "done", "processed", "succeeded", "success",
+        "successful", "failed", "failure", "error", "errored", "partiallyfailed",
+        "partiallysucceeded", "finishedwitherrors", "completedwitherrors", "aborted",
+    }
+)  # fmt: skip
+_FAILED = frozenset({"failed", "failure", "error", "errored", "aborted"})
+
+
+@attrs.frozen
+class ItemFailure:
+    """One item of a bulk batch that Engage reports as failed; any field may be missing."""
+
+    index: int | None = None
+    contact_id: str | None = None
+    key: str | None = attrs.field(default=None, repr=False)
+    error_code: str | None = None
+    message: str | None = attrs.field(default=None, repr=False)
+
+
+@attrs.frozen
+class BatchStatus:
+    """What a bulk status answer says, read leniently (Engage's schema is not published).
+
+    Attributes:
+        finished: the batch will not change any more.
+        failed_entirely: Engage reports the batch as a whole failed.
+        failures: the items it names as failed.
+        failed_count: how many failed by its count, when it gives one.
+    """
+
+    finished: bool
+    failed_entirely: bool = False
+    failures: tuple[ItemFailure, ...] = ()
+    failed_count: int | None = None
+
+
+def _word(value: Any) -> str:
+    return "".join(ch for ch in str(value).lower() if ch.isalnum())
+
+
+def read_batch_status(data: Any) -> BatchStatus:
+    """Read a ``/contacts/bulk/status`` answer; an unknown state counts as not finished."""
+    if not isinstance(data, Mapping):
+        return BatchStatus(finished=False)
+    lowered = {str(key).lower(): value for key, value in data.items()}
+    state = next(
+        (_word(lowered[k]) for k in ("status", "state", "batchstatus") if k in lowered), ""
+    )
+    finished = state in _FINISHED or lowered.get("finished") is True
+    failures: list[ItemFailure] = []
+    for name in ("failures", "errors", "faileditems", "failed", "failedrows"):
+        items = lowered.get(name)
+        if isinstance(items, list):
+            failures.extend(_item_failure(item) for item in items if isinstance(item, Mapping))
+            break
+    count = next(
+        (lowered[k] for k in ("failedcount", "failurecount", "errorcount", "numberoffailed")
+         if isinstance(lowered.get(k), int)),
+        None,
+    )  # fmt: skip
+    return BatchStatus(
+        finished=finished,
+        failed_entirely=state in _FAILED,
+        failures=tuple(failures),
+        failed_count=count,
+    )
+
+
+def _item_failure(item: Mapping[str, Any]) -> ItemFailure:
+    lowered = {str(key).lower(): value for key, value in item.items()}
+    index: int | None = None
+    if isinstance(lowered.get("index"), int):
+        index = lowered["index"]
+    else:
+        # Row numbers are counted from one, as people count rows.
+        for name in ("rownumber", "row", "position", "line"):
+            if isinstance(lowered.get(name), int):
+                index = lowered[name] - 1
+                break
+    contact_id = lowered.get("contactid") or lowered.get("id")
+    key = next(
+        (str(lowered[k]) for k in ("key", "keyvalue", "email", "mobilephone",
+                                     "socialsecuritynumber", "externalid")
+         if isinstance(lowered.get(k), str)),
+        None,
+    )  # fmt: skip
+    code = next((str(lowered[k]) for k in ("errorcode", "code", "error") if lowered.get(k)), None)
+    message = next(
+        (str(lowered[k]) for k in ("message", "detail", "reason") if lowered.get(k)), None
+    )
+    return ItemFailure(
+        index=index,
+        contact_id=str(contact_id) if isinstance(contact_id, str) else None,
+        key=key,
+        error_code=code,
+        message=message,
+    )

@@ -21,6 +21,7 @@ __all__ = [
     "ContactAttributes",
     "ContactOverview",
     "Delivery",
+    "FlushReport",
     "Meta",
     "Money",
     "PointAccount",
@@ -292,3 +293,26 @@ class Delivery:
     change_id: str | None = None
     ref: str | None = None
     existed: bool = False
+
+
+@attrs.frozen
+class FlushReport:
+    """What one `OutboxFlusher.flush_once` did.
+
+    Attributes:
+        sent: changes handed to Engage (bulk items and single calls).
+        created: creates Engage confirmed.
+        updated: updates and contact-type changes Engage confirmed.
+        reconciled: GUIDs found by lookup (after a bulk or XML create, or an existing contact).
+        dead: changes dead-lettered.
+        exported: changes written to XML import files.
+        pending: changes still waiting (pending, in flight, or waiting for a GUID).
+    """
+
+    sent: int = 0
+    created: int = 0
+    updated: int = 0
+    reconciled: int = 0
+    dead: int = 0
+    exported: int = 0
+    pending: int = 0

@@ -20,24 +20,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
-import attrs
-
+from ._changes import Change, NewChange, Operation, Queued, State, dumps, loads, row_factory
 from ._coalesce import merge_changes
 from ._errors import OutboxError
 from ._keys import contact_key, identity_key, new_change_id
 from ._schema import migrate
 from ._sqlite import Database
 
-__all__ = ["Change", "NewChange", "Operation", "Outbox", "Queued", "State"]
+__all__ = ["Outbox"]
 
 log = logging.getLogger(__name__)
 
@@ -47,140 +44,11 @@ log = logging.getLogger(__name__)
 _LAZY_IDENTITY_DELAY = 0.5
 
 
-class Operation(StrEnum):
-    """What a queued change does."""
-
-    CREATE = "create"
-    UPDATE = "update"
-    CONTACT_TYPE = "contact_type"
-    PROMOTE = "promote"  # API v2's promoteToMember
-
-
-class State(StrEnum):
-    """Where a queued change stands."""
-
-    PENDING = "pending"
-    INFLIGHT = "inflight"
-    WAITING_GUID = "waiting_guid"
-    DONE = "done"
-    DEAD = "dead"
-
-
-@attrs.frozen
-class NewChange:
-    """A change to put in the outbox.
-
-    `body` is the wire JSON (already guarded); `reason` says why it was queued (no personal
-    data).
-    """
-
-    operation: Operation
-    contact_key: str
-    body: Mapping[str, Any] | None = attrs.field(default=None, repr=False)
-    contact_id: str | None = None
-    ref: str | None = None
-    contact_type: str | None = None
-    key_name: str | None = None
-    key_value: str | None = attrs.field(default=None, repr=False)
-    query: Mapping[str, str] | None = attrs.field(default=None, repr=False)
-    lookup_first: bool = False
-    if_exists: Literal["return", "update"] | None = None
-    reason: str | None = None
-
-
-@attrs.frozen
-class Queued:
-    """The answer to an enqueue: the row that now holds the change.
-
-    `merged` when it was folded into a change already waiting; `duplicate` when it was a
-    create for a key whose create is already queued (whose `ref` it then is).
-    """
-
-    change_id: str
-    ref: str | None = None
-    merged: bool = False
-    duplicate: bool = False
-
-
-@attrs.frozen
-class Change:
-    """A row of the outbox, as a flusher or the admin sees it."""
-
-    seq: int
-    change_id: str
-    operation: Operation
-    state: State
-    contact_key: str
-    contact_id: str | None
-    ref: str | None
-    contact_type: str | None
-    key_name: str | None
-    key_value: str | None = attrs.field(repr=False)
-    body: dict[str, Any] | None = attrs.field(repr=False)
-    folded: dict[str, Any] | None = attrs.field(repr=False)
-    query: dict[str, str] = attrs.field(repr=False)
-    lookup_first: bool
-    if_exists: str | None
-    attempts: int
-    created_at: float
-    updated_at: float
-    next_attempt_at: float
-    lease_owner: str | None
-    lease_until: float | None
-    batch_id: str | None
-    batch_index: int | None
-    error_code: str | None
-    last_error: str | None
-    exported_to: str | None
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Change:
-        """Read a ``SELECT *`` row of ``changes``."""
-        return cls(
-            seq=row["seq"],
-            change_id=row["change_id"],
-            operation=Operation(row["operation"]),
-            state=State(row["state"]),
-            contact_key=row["contact_key"],
-            contact_id=row["contact_id"],
-            ref=row["ref"],
-            contact_type=row["contact_type"],
-            key_name=row["key_name"],
-            key_value=row["key_value"],
-            body=_loads(row["body"]),
-            folded=_loads(row["folded"]),
-            query=_loads(row["query"]) or {},
-            lookup_first=bool(row["lookup_first"]),
-            if_exists=row["if_exists"],
-            attempts=row["attempts"],
-            created_at=row["created_at"],
-            updated_at=row["updated_at"],
-            next_attempt_at=row["next_attempt_at"],
-            lease_owner=row["lease_owner"],
-            lease_until=row["lease_until"],
-            batch_id=row["batch_id"],
-            batch_index=row["batch_index"],
-            error_code=row["error_code"],
-            last_error=row["last_error"],
-            exported_to=row["exported_to"],
-        )
-
-
-def _dumps(value: Mapping[str, Any] | None) -> str | None:
-    if value is None:
-        return None
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
-def _loads(value: str | None) -> Any:
-    return None if value is None else json.loads(value)
-
-
-def _row_factory(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> sqlite3.Row:
-    return sqlite3.Row(cursor, row)
-
-
 _Work = Callable[[sqlite3.Connection], Any]
+
+# In-process wake-ups: a flusher of an outbox file hears about every enqueue to that file made
+# in the same process, instead of waiting for its next poll. Keyed by the resolved path.
+_listeners: dict[str, set[Callable[[], None]]] = {}
 
 
 class Outbox:
@@ -220,7 +88,7 @@ class Outbox:
             await db.run(migrate)
 
             def use_rows(conn: sqlite3.Connection) -> None:
-                conn.row_factory = _row_factory
+                conn.row_factory = row_factory
 
             await db.run(use_rows)
         except BaseException:
@@ -239,7 +107,7 @@ class Outbox:
             self._lazy_flush.cancel()
         if self._lazy_identities:
             with contextlib.suppress(OutboxError):
-                await self._submit(self._take_lazy_identities())
+                await self.write(self._take_lazy_identities())
         if self._writer is not None:
             self._queue.put_nowait(None)
             await asyncio.shield(self._writer)
@@ -247,8 +115,12 @@ class Outbox:
 
     # --- group commit -----------------------------------------------------------------------
 
-    async def _submit(self, work: _Work) -> Any:
-        """Run `work` in the next group commit and return its result once committed."""
+    async def write(self, work: _Work) -> Any:
+        """Run `work` in the next group commit and return its result once committed.
+
+        For the modules that share the file (the replay queue); `work` runs on the database
+        thread inside the transaction, and must not block on anything but SQLite.
+        """
         if self._writer is None or self._writer.done():
             raise OutboxError(f"the outbox at {self.path} is closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -298,6 +170,15 @@ class Outbox:
                 else:
                     future.set_exception(value)
 
+    async def read(self, work: _Work) -> Any:
+        """Run `work` on the database thread outside any write transaction."""
+        return await self._db.run(work)
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The wall clock the outbox stamps rows with (injectable for tests)."""
+        return self._clock
+
     # --- enqueue ------------------------------------------------------------------------------
 
     async def enqueue(self, change: NewChange) -> Queued:
@@ -307,7 +188,28 @@ class Outbox:
             OutboxError: nothing was kept (disk full, read-only, locked too long, closed).
         """
         now = self._clock()
-        return await self._submit(lambda conn: _enqueue(conn, change, now))  # type: ignore[no-any-return]
+        queued: Queued = await self.write(lambda conn: _enqueue(conn, change, now))
+        for wake in tuple(_listeners.get(self._listen_key, ())):
+            wake()
+        return queued
+
+    @property
+    def _listen_key(self) -> str:
+        return str(self.path.resolve())
+
+    def subscribe(self, wake: Callable[[], None]) -> Callable[[], None]:
+        """Call `wake` after every enqueue to this file in this process; returns the undo."""
+        key = self._listen_key
+        _listeners.setdefault(key, set()).add(wake)
+
+        def unsubscribe() -> None:
+            listeners = _listeners.get(key)
+            if listeners is not None:
+                listeners.discard(wake)
+                if not listeners:
+                    del _listeners[key]
+
+        return unsubscribe
 
     async def has_active(self, contact_key: str) -> bool:
         """Do changes to this contact still wait (pending, in flight or awaiting a GUID)?"""
@@ -353,7 +255,7 @@ class Outbox:
         the changes waiting on its ref at the GUID, which releases them.
         """
         now = self._clock()
-        await self._submit(lambda conn: _record_guid(conn, seq, contact_id, now))
+        await self.write(lambda conn: _record_guid(conn, seq, contact_id, now))
 
     # --- identity map ---------------------------------------------------------------------
 
@@ -363,7 +265,7 @@ class Outbox:
         rows = [(key, contact_id, now) for key in keys]
         for key in keys:
             self._lazy_identities.pop(key, None)
-        await self._submit(lambda conn: _upsert_identities(conn, rows))
+        await self.write(lambda conn: _upsert_identities(conn, rows))
 
     def remember_later(self, key: str, contact_id: str) -> None:
         """Cache a lookup result; written with the next commit (a crash may lose it)."""
@@ -377,7 +279,7 @@ class Outbox:
     def _flush_lazy(self) -> None:
         self._lazy_flush = None
         if self._lazy_identities and not self._closed:
-            task = asyncio.ensure_future(self._submit(self._take_lazy_identities()))
+            task = asyncio.ensure_future(self.write(self._take_lazy_identities()))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def _take_lazy_identities(self) -> _Work:
@@ -388,9 +290,7 @@ class Outbox:
     async def forget(self, key: str) -> None:
         """Drop a cached identity (the contact turned out not to exist any more)."""
         self._lazy_identities.pop(key, None)
-        await self._submit(
-            lambda conn: conn.execute("DELETE FROM identities WHERE key = ?", (key,))
-        )
+        await self.write(lambda conn: conn.execute("DELETE FROM identities WHERE key = ?", (key,)))
 
     async def identity(self, key: str, *, max_age: float | None = None) -> str | None:
         """The GUID recorded for `key`, if recorded less than `max_age` seconds ago."""
@@ -523,17 +423,17 @@ def _merge_into_tail(
     if tail is None or tail["state"] != State.PENDING:
         return None
     if tail["operation"] == Operation.UPDATE:
-        body = merge_changes(_loads(tail["body"]) or {}, changes)
+        body = merge_changes(loads(tail["body"]) or {}, changes)
         conn.execute(
             "UPDATE changes SET body = ?, updated_at = ? WHERE seq = ?",
-            (_dumps(body), now, tail["seq"]),
+            (dumps(body), now, tail["seq"]),
         )
     elif tail["operation"] == Operation.CREATE:
-        body = merge_changes(_loads(tail["body"]) or {}, changes)
-        folded = merge_changes(_loads(tail["folded"]) or {}, changes)
+        body = merge_changes(loads(tail["body"]) or {}, changes)
+        folded = merge_changes(loads(tail["folded"]) or {}, changes)
         conn.execute(
             "UPDATE changes SET body = ?, folded = ?, updated_at = ? WHERE seq = ?",
-            (_dumps(body), _dumps(folded), now, tail["seq"]),
+            (dumps(body), dumps(folded), now, tail["seq"]),
         )
     else:
         return None
@@ -555,8 +455,8 @@ def _insert(conn: sqlite3.Connection, change: NewChange, now: float) -> Queued:
             change.contact_type,
             change.key_name,
             change.key_value,
-            _dumps(change.body),
-            _dumps(change.query),
+            dumps(change.body),
+            dumps(change.query),
             int(change.lookup_first),
             change.if_exists,
             now,

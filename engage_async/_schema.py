@@ -40,6 +40,9 @@ CREATE TABLE changes (
     lookup_first    INTEGER NOT NULL DEFAULT 0,  -- a create that may exist: look up first
     if_exists       TEXT,               -- create: 'return' or 'update'
     attempts        INTEGER NOT NULL DEFAULT 0,  -- definitive failures only, never outages
+    lookups         INTEGER NOT NULL DEFAULT 0,  -- GUID lookups made while waiting_guid
+    send_alone      INTEGER NOT NULL DEFAULT 0,  -- replay through the single endpoint: a bulk
+                                                 -- request could not tell this row's fate
     created_at      REAL NOT NULL,
     updated_at      REAL NOT NULL,
     next_attempt_at REAL NOT NULL,
@@ -79,8 +82,11 @@ CREATE TABLE batches (
     polls        INTEGER NOT NULL DEFAULT 0,
     lease_owner  TEXT,
     lease_until  REAL,
-    status       TEXT
+    state        TEXT NOT NULL DEFAULT 'submitted' CHECK (state IN ('submitted', 'finished')),
+    status       TEXT,              -- Engage's last status answer, kept as sent (opaque)
+    finished_at  REAL
 ) WITHOUT ROWID;
+CREATE INDEX batches_due ON batches (next_poll_at) WHERE state = 'submitted';
 
 -- Shared flusher state, e.g. the pause after an outage that every flusher obeys.
 CREATE TABLE control (

@@ -1,9 +1,9 @@
 """`EngageSession`: every Engage call of an application goes through one of these.
 
-The session is the only code that talks to aiohttp. It sends what `_http` builds, reads the
-answers back through `_http`, retries within the interactive deadline, keeps under the rate
-limit, and, for writes Engage cannot take right now, commits the change to the outbox and
-answers ``Delivery(queued=True)`` instead of failing the caller.
+The session sends what `_http` builds through the `Transport`, reads the answers back through
+`_http`, retries within the interactive deadline, and, for writes Engage cannot take right
+now, commits the change to the outbox and answers ``Delivery(queued=True)`` instead of
+failing the caller.
 
 What is queued and what is raised:
 
@@ -29,10 +29,10 @@ from typing import Any, Final, Literal, Self, TypeVar
 
 import aiohttp
 import attrs
-from yarl import URL
 
 from . import _http
 from ._breaker import CircuitBreaker
+from ._changes import NewChange, Operation, Queued
 from ._config import EngageConfig
 from ._errors import (
     CircuitOpen,
@@ -57,10 +57,10 @@ from ._keys import (
     new_ref,
 )
 from ._models import Contact, ContactOverview, Delivery, PointAccount, Promotion, Transaction
-from ._outbox import NewChange, Operation, Outbox, Queued
-from ._ratelimit import RateLimiter
+from ._outbox import Outbox
 from ._redact import scrub
 from ._retry import interactive_delays
+from ._transport import Transport
 from ._wire import normalize_contact_id, prepare_payload, structure
 
 __all__ = ["EngageSession"]
@@ -97,25 +97,17 @@ class EngageSession:
         if not isinstance(config, EngageConfig):
             raise TypeError("config: must be an EngageConfig")
         self.config = config
-        self._http = http
-        self._owns_http = http is None
+        self._transport = Transport(config, http)
         self._outbox: Outbox | None = None
         self._state: Literal["new", "open", "closed"] = "new"
-        self._limiter = RateLimiter(config.rate_limit)
         self._breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown)
-        self._base = config.base_url
         self._root = config.api_root
-        self._headers = {
-            "apikey": config.api_key,
-            "User-Agent": config.user_agent,
-            # Engage answers 500 "An error has occurred" to any request without it, GETs too.
-            "Content-Type": "application/json",
-            "Accept": "application/json",
-        }
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
     def __repr__(self) -> str:
-        return f"<EngageSession {self._base} api v{self.config.api_version} {self._state}>"
+        return (
+            f"<EngageSession {self.config.base_url} api v{self.config.api_version} {self._state}>"
+        )
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -145,8 +137,7 @@ class EngageSession:
             busy_timeout=self.config.busy_timeout,
             durability=self.config.durability,
         )
-        if self._http is None:
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+        self._transport.open()
         self._state = "open"
 
     async def close(self) -> None:
@@ -158,55 +149,23 @@ class EngageSession:
             if self._outbox is not None:
                 await self._outbox.close()
         finally:
-            if self._owns_http and self._http is not None:
-                await self._http.close()
+            await self._transport.close()
 
     @property
     def closed(self) -> bool:
         """True once `close` was called."""
         return self._state == "closed"
 
-    def _ready(self) -> tuple[aiohttp.ClientSession, Outbox]:
-        if self._state != "open" or self._http is None or self._outbox is None:
+    def _ready(self) -> Outbox:
+        if self._state != "open" or self._outbox is None:
             what = "not open yet (use `async with`)" if self._state == "new" else "closed"
             raise RuntimeError(f"this EngageSession is {what}")
-        return self._http, self._outbox
+        return self._outbox
 
     # --- sending -------------------------------------------------------------------------------
 
     def _deadline(self, share: float = 1.0) -> float:
         return asyncio.get_running_loop().time() + self.config.interactive_deadline * share
-
-    async def _send(self, call: _http.Call, timeout: float) -> tuple[int, Mapping[str, str], bytes]:
-        """One request, one answer: the only place that touches aiohttp."""
-        http, _ = self._ready()
-        await self._limiter.acquire()
-        headers = {**self._headers, **dict(call.headers)} if call.headers else self._headers
-        url = URL(self._base + call.url_suffix(), encoded=True)
-        try:
-            async with asyncio.timeout(timeout):
-                async with http.request(
-                    call.method,
-                    url,
-                    data=call.body,
-                    headers=headers,
-                    allow_redirects=False,
-                    raise_for_status=False,
-                ) as response:
-                    return response.status, response.headers, await response.read()
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-            # The connection was never made, so Engage cannot have seen the request.
-            raise EngageConnectionError(
-                f"{call.target}: cannot connect to Engage ({type(exc).__name__})",
-                request_sent=False,
-            ) from exc
-        except TimeoutError as exc:
-            raise EngageTimeout(f"{call.target}: no answer within {timeout:.2f} s") from exc
-        except aiohttp.ClientError as exc:
-            raise EngageConnectionError(
-                f"{call.target}: connection lost before the answer ({type(exc).__name__})",
-                request_sent=True,
-            ) from exc
 
     async def _attempt(self, call: _http.Call, until: float) -> Any:
         remaining = until - asyncio.get_running_loop().time()
@@ -218,7 +177,7 @@ class EngageSession:
                 f"row (next try in {self._breaker.remaining_cooldown:.0f} s)"
             )
         try:
-            status, headers, body = await self._send(call, remaining)
+            status, headers, body = await self._transport.send(call, remaining)
         except EngageUnavailable:
             self._breaker.record_failure()
             raise
@@ -316,7 +275,7 @@ class EngageSession:
             MultipleMatches: several contacts match (`contact_ids` lists them).
             InvalidRequest, EngageUnavailable.
         """
-        _, outbox = self._ready()
+        outbox = self._ready()
         name, value = _one_identifier(
             email=email,
             mobile_phone=mobile_phone,
@@ -451,7 +410,7 @@ class EngageSession:
             InvalidRequest, EngageValidationError, EngageAuthError: Engage refused the data.
             OutboxError: Engage could not take it and the outbox could not keep it either.
         """
-        _, outbox = self._ready()
+        outbox = self._ready()
         if if_exists not in _IF_EXISTS:
             raise ValueError('if_exists: must be "return" or "update"')
         body = prepare_payload(attributes, "attributes")
@@ -582,7 +541,7 @@ class EngageSession:
     async def _remember_created(
         self, create: _Create, guid: str, *, existed: bool, contact: Contact | None = None
     ) -> Delivery:
-        _, outbox = self._ready()
+        outbox = self._ready()
         keys = [
             f"ref:{create.ref}",
             identity_key(create.key_name, create.key_value, create.contact_type),
@@ -716,7 +675,7 @@ class EngageSession:
         self, change: NewChange, send: Callable[[str], _http.Call], until: float
     ) -> Delivery:
         """Send a change now if nothing waits ahead of it, else (or on failure) queue it."""
-        _, outbox = self._ready()
+        outbox = self._ready()
         if change.contact_id is None:
             return await self._queued(change, "waiting for the contact's create")
         if await outbox.has_active(change.contact_key):
@@ -740,7 +699,7 @@ class EngageSession:
         )
 
     async def _enqueue(self, change: NewChange) -> Queued:
-        _, outbox = self._ready()
+        outbox = self._ready()
         queued = await outbox.enqueue(change)
         log.info(
             "queued %s %s for %s (%s)",
@@ -762,7 +721,7 @@ class EngageSession:
         Raises:
             ValueError: `ref` is not a ref (``ref_`` and 32 hex digits).
         """
-        _, outbox = self._ready()
+        outbox = self._ready()
         if not isinstance(ref, str) or not is_ref(ref):
             raise ValueError("ref: not a ref made by create_contact (ref_ and 32 hex digits)")
         known = await outbox.identity(f"ref:{ref}")
@@ -782,7 +741,7 @@ class EngageSession:
         return found
 
     async def _target(self, contact_id_or_ref: str) -> _Target:
-        _, outbox = self._ready()
+        outbox = self._ready()
         if isinstance(contact_id_or_ref, str) and is_ref(contact_id_or_ref):
             ref = contact_id_or_ref
             guid = await outbox.identity(f"ref:{ref}")
