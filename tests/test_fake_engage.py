@@ -1,8 +1,5 @@
 """Tests of the Engage simulator itself, over real sockets with a plain aiohttp client."""
 
-# The project writes `assert expected == actual` (style.md); SIM300 calls that a Yoda condition.
-# ruff: noqa: SIM300
-
 from __future__ import annotations
 
 import asyncio
