@@ -50,6 +50,7 @@ from ._models import (
 )
 from ._session import EngageSession
 from ._wire import CLEAR
+from .admin import OutboxAdmin, OutboxEntry, OutboxStats
 
 try:
     __version__ = version("engage-async")
@@ -83,8 +84,11 @@ __all__ = [
     "Meta",
     "Money",
     "MultipleMatches",
+    "OutboxAdmin",
+    "OutboxEntry",
     "OutboxError",
     "OutboxFlusher",
+    "OutboxStats",
     "PayloadError",
     "PointAccount",
     "Preferences",

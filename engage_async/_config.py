@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -74,6 +74,10 @@ def _contact_keys(_: Any, attribute: attrs.Attribute[Mapping[str, str]], value: 
             )
 
 
+def _delay_tuple(value: Iterable[float]) -> tuple[float, ...]:
+    return tuple(float(delay) for delay in value)
+
+
 def _strip_slash(value: str) -> str:
     return value.rstrip("/")
 
@@ -127,7 +131,7 @@ class EngageConfig:
     retry_initial_delay: float = attrs.field(default=0.1, validator=_positive)
     retry_max_delay: float = attrs.field(default=1.0, validator=_positive)
     background_delays: tuple[float, ...] = attrs.field(
-        default=(10.0, 30.0, 60.0, 300.0, 900.0), converter=tuple, validator=_delays
+        default=(10.0, 30.0, 60.0, 300.0, 900.0), converter=_delay_tuple, validator=_delays
     )
     breaker_threshold: int = attrs.field(default=5, validator=attrs.validators.ge(1))
     breaker_cooldown: float = attrs.field(default=30.0, validator=_positive)

@@ -76,14 +76,18 @@ class Outbox:
         busy_timeout: float = 10.0,
         durability: Literal["full", "normal"] = "full",
         clock: Callable[[], float] = time.time,
+        create: bool = True,
     ) -> Outbox:
-        """Open or create the outbox at `path` and bring its schema up to date.
+        """Open the outbox at `path` (creating it unless `create` is False) and bring its
+        schema up to date.
 
         Raises:
-            OutboxError: the file is foreign, corrupt, from a newer version, or cannot be
-                created or written.
+            OutboxError: the file is foreign, corrupt, from a newer version, missing, or cannot
+                be created or written.
         """
-        db = await Database.open(path, busy_timeout=busy_timeout, durability=durability)
+        db = await Database.open(
+            path, busy_timeout=busy_timeout, durability=durability, create=create
+        )
         try:
             await db.run(migrate)
 

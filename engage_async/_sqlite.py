@@ -88,15 +88,20 @@ class Database:
         *,
         busy_timeout: float,
         durability: Literal["full", "normal"],
+        create: bool = True,
     ) -> Database:
-        """Open (creating if need be) the file with WAL, the busy timeout and durability set.
+        """Open the file (creating it unless `create` is False) with WAL, the busy timeout and
+        durability set.
 
         Raises:
-            OutboxError: the file is foreign, unreadable, or cannot be created.
+            OutboxError: the file is foreign, unreadable, missing (with `create` False), or
+                cannot be created.
         """
         path = Path(path)
         if path.parent and not path.parent.exists():
             raise OutboxError(f"the outbox directory {path.parent} does not exist")
+        if not create and not path.exists():
+            raise OutboxError(f"there is no outbox at {path}")
         _check_existing_file(path)
         _create_private(path)
         _tighten_mode(path)

@@ -1,0 +1,354 @@
+"""`OutboxAdmin`: look into an outbox and act on its changes, from code or the CLI.
+
+Listings mask personal data (emails, phones, personal numbers, names, addresses) unless asked
+with ``reveal=True``. Requeueing and discarding are the operator's tools for dead letters: a
+dead change is never retried on its own, and never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import attrs
+
+from ._changes import Change, State
+from ._errors import ChangeNotFound
+from ._keys import is_ref
+from ._outbox import Outbox
+from ._redact import mask, scrub
+
+__all__ = ["OutboxAdmin", "OutboxEntry", "OutboxStats"]
+
+# Values under these names are not personal and stay readable in a masked listing.
+_PLAIN = frozenset(
+    {"contactType", "countryCode", "lang", "id", "source", "contactId", "storeExternalId"}
+)
+_GUID_LENGTH = 36
+
+
+@attrs.frozen
+class OutboxStats:
+    """How many changes are in each state, and how the flushers stand.
+
+    Attributes:
+        by_state: count per state (pending, inflight, waiting_guid, done, dead).
+        oldest_pending_age: seconds since the oldest change still waiting was accepted.
+        paused_until: when the flushers' pause after an outage ends, if one is set.
+        pause_reason: why they pause.
+        batches_in_flight: bulk batches Engage accepted that are still being followed.
+    """
+
+    by_state: Mapping[str, int]
+    oldest_pending_age: float | None
+    paused_until: datetime | None
+    pause_reason: str | None = None
+    batches_in_flight: int = 0
+
+
+@attrs.frozen
+class OutboxEntry:
+    """One change in the outbox, masked unless revealed."""
+
+    change_id: str
+    operation: str
+    state: str
+    contact_key: str
+    contact_type: str | None
+    attempts: int
+    last_error: str | None
+    created_at: datetime
+    contact_id: str | None = None
+    ref: str | None = None
+    error_code: str | None = None
+    key: str | None = None
+    body: Mapping[str, Any] | None = attrs.field(default=None, repr=False)
+    exported_to: str | None = None
+    batch_id: str | None = None
+
+
+def _masked(value: Any, name: str = "") -> Any:
+    if isinstance(value, Mapping):
+        return {key: _masked(item, str(key)) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_masked(item, name) for item in value]
+    if isinstance(value, str) and name not in _PLAIN:
+        return mask(value)
+    return value
+
+
+def _entry(change: Change, *, reveal: bool) -> OutboxEntry:
+    key = None
+    if change.key_name and change.key_value:
+        value = change.key_value if reveal else mask(change.key_value)
+        key = f"{change.key_name}={value}"
+    return OutboxEntry(
+        change_id=change.change_id,
+        operation=str(change.operation),
+        state=str(change.state),
+        contact_key=change.contact_key,
+        contact_type=change.contact_type,
+        attempts=change.attempts,
+        last_error=change.last_error,
+        created_at=datetime.fromtimestamp(change.created_at, UTC),
+        contact_id=change.contact_id,
+        ref=change.ref,
+        error_code=change.error_code,
+        key=key,
+        body=change.body if reveal or change.body is None else _masked(change.body),
+        exported_to=change.exported_to,
+        batch_id=change.batch_id,
+    )
+
+
+class OutboxAdmin:
+    """Inspect and manage the outbox at `outbox_path` (which must exist).
+
+    Use ``async with OutboxAdmin(path) as admin:``, or call the coroutines directly and
+    `close` when done.
+    """
+
+    def __init__(self, outbox_path: str | os.PathLike[str], *, busy_timeout: float = 10.0) -> None:
+        self.path = Path(outbox_path)
+        self._busy_timeout = busy_timeout
+        self._outbox: Outbox | None = None
+
+    def __repr__(self) -> str:
+        return f"<OutboxAdmin {self.path}>"
+
+    async def __aenter__(self) -> Self:
+        await self._open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _open(self) -> Outbox:
+        if self._outbox is None:
+            self._outbox = await Outbox.open(
+                self.path, busy_timeout=self._busy_timeout, create=False
+            )
+        return self._outbox
+
+    async def close(self) -> None:
+        """Close the outbox file."""
+        if self._outbox is not None:
+            await self._outbox.close()
+            self._outbox = None
+
+    async def stats(self) -> OutboxStats:
+        """Counts per state, the age of the oldest waiting change, and the flushers' pause."""
+        outbox = await self._open()
+        now = outbox.clock()
+
+        def work(conn: sqlite3.Connection) -> OutboxStats:
+            counts = dict.fromkeys((str(state) for state in State), 0)
+            counts.update(
+                conn.execute("SELECT state, count(*) FROM changes GROUP BY state").fetchall()
+            )
+            oldest = conn.execute(
+                "SELECT min(created_at) FROM changes "
+                "WHERE state IN ('pending', 'inflight', 'waiting_guid')"
+            ).fetchone()[0]
+            control = dict(conn.execute("SELECT name, value FROM control").fetchall())
+            batches = conn.execute(
+                "SELECT count(*) FROM batches WHERE state = 'submitted'"
+            ).fetchone()[0]
+            paused = control.get("paused_until")
+            until = float(paused) if paused is not None else None
+            return OutboxStats(
+                by_state=counts,
+                oldest_pending_age=None if oldest is None else max(0.0, now - oldest),
+                paused_until=datetime.fromtimestamp(until, UTC)
+                if until is not None and until > now
+                else None,
+                pause_reason=control.get("pause_reason") if until and until > now else None,
+                batches_in_flight=batches,
+            )
+
+        result: OutboxStats = await outbox.read(work)
+        return result
+
+    async def list(
+        self,
+        state: str | None = None,
+        limit: int = 100,
+        key: str | None = None,
+        *,
+        reveal: bool = False,
+    ) -> list[OutboxEntry]:
+        """Changes, oldest first, optionally in one `state` and for one contact.
+
+        `key` picks a contact by GUID, ref, or key value (an email, say).
+        """
+        if state is not None and state not in {str(s) for s in State}:
+            raise ValueError(f"state: must be one of {', '.join(str(s) for s in State)}")
+        if limit < 1:
+            raise ValueError("limit: must be at least 1")
+        outbox = await self._open()
+        clauses, params = [], []
+        if state is not None:
+            clauses.append("state = ?")
+            params.append(state)
+        if key is not None:
+            if is_ref(key):
+                clauses.append("(ref = ? OR contact_key = ?)")
+                params += [key, f"ref:{key}"]
+            elif len(key) == _GUID_LENGTH and key.count("-") == 4:
+                clauses.append("contact_id = ?")
+                params.append(key.lower())
+            else:
+                clauses.append("key_value = ?")
+                params.append(key)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+
+        def work(conn: sqlite3.Connection) -> list[Change]:
+            rows = conn.execute(
+                f"SELECT * FROM changes {where} ORDER BY seq LIMIT ?",  # noqa: S608 - fixed clauses
+                (*params, limit),
+            ).fetchall()
+            return [Change.from_row(row) for row in rows]
+
+        changes: list[Change] = await outbox.read(work)
+        return [_entry(change, reveal=reveal) for change in changes]
+
+    async def _change(self, change_id: str) -> Change:
+        outbox = await self._open()
+
+        def work(conn: sqlite3.Connection) -> Change | None:
+            row = conn.execute("SELECT * FROM changes WHERE change_id = ?", (change_id,)).fetchone()
+            return None if row is None else Change.from_row(row)
+
+        change: Change | None = await outbox.read(work)
+        if change is None:
+            raise ChangeNotFound(f"no change {scrub(change_id)} in {self.path}")
+        return change
+
+    async def show(self, change_id: str, *, reveal: bool = False) -> OutboxEntry:
+        """One change, with its body.
+
+        Raises:
+            ChangeNotFound: no change has that id.
+        """
+        return _entry(await self._change(change_id), reveal=reveal)
+
+    async def requeue(self, change_id: str) -> OutboxEntry:
+        """Send a dead (or not yet due) change again as soon as a flusher runs.
+
+        Requeueing a dead create also requeues the changes that died with it.
+
+        Raises:
+            ChangeNotFound: no change has that id.
+            ValueError: it is done, or in flight.
+        """
+        change = await self._change(change_id)
+        if change.state not in {State.DEAD, State.PENDING}:
+            raise ValueError(f"change {change_id} is {change.state}; only dead or pending ones")
+        outbox = await self._open()
+        now = outbox.clock()
+
+        def work(conn: sqlite3.Connection) -> None:
+            _revive(conn, change.seq, now)
+            if change.ref and change.contact_id is None:
+                for (seq,) in conn.execute(
+                    "SELECT seq FROM changes WHERE contact_key = ? AND state = 'dead' "
+                    "AND error_code = 'CreateDead'",
+                    (change.contact_key,),
+                ).fetchall():
+                    _revive(conn, seq, now)
+
+        await outbox.write(work)
+        return await self.show(change_id)
+
+    async def requeue_dead(self) -> int:
+        """Requeue every dead change; how many."""
+        outbox = await self._open()
+        now = outbox.clock()
+
+        def work(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute(
+                "UPDATE changes SET state = 'pending', next_attempt_at = ?, attempts = 0, "
+                "error_code = NULL, updated_at = ? WHERE state = 'dead'",
+                (now, now),
+            )
+            return cursor.rowcount
+
+        count: int = await outbox.write(work)
+        return count
+
+    async def discard(self, change_id: str, reason: str) -> OutboxEntry:
+        """Give up on a waiting change: it is dead-lettered with `reason` and never sent.
+
+        Discarding a create discards the changes waiting on its ref too.
+
+        Raises:
+            ChangeNotFound: no change has that id.
+            ValueError: it is done or in flight, or `reason` is empty.
+        """
+        if not reason or not reason.strip():
+            raise ValueError("reason: say why the change is discarded")
+        change = await self._change(change_id)
+        if change.state not in {State.PENDING, State.WAITING_GUID, State.DEAD}:
+            raise ValueError(f"change {change_id} is {change.state}; it cannot be discarded")
+        outbox = await self._open()
+        now = outbox.clock()
+        message = scrub(f"discarded: {reason}")
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE changes SET state = 'dead', error_code = 'Discarded', last_error = ?, "
+                "updated_at = ? WHERE seq = ?",
+                (message, now, change.seq),
+            )
+            if change.ref and change.contact_id is None:
+                conn.execute(
+                    "UPDATE changes SET state = 'dead', error_code = 'CreateDead', "
+                    "last_error = ?, updated_at = ? WHERE contact_key = ? AND seq > ? "
+                    "AND state IN ('pending', 'waiting_guid')",
+                    (f"its create {change.change_id} was discarded", now, change.contact_key,
+                     change.seq),
+                )  # fmt: skip
+
+        await outbox.write(work)
+        return await self.show(change_id)
+
+    async def export(self, path: str | os.PathLike[str]) -> int:
+        """Write every change not yet done to `path` as JSON lines (with personal data; the
+        file is created readable by its owner only). Returns how many.
+        """
+        outbox = await self._open()
+
+        def work(conn: sqlite3.Connection) -> list[Change]:
+            rows = conn.execute(
+                "SELECT * FROM changes WHERE state != 'done' ORDER BY seq"
+            ).fetchall()
+            return [Change.from_row(row) for row in rows]
+
+        changes: list[Change] = await outbox.read(work)
+        target = Path(path)
+        fd = os.open(target, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            for change in changes:
+                record = attrs.asdict(_entry(change, reveal=True))
+                record["created_at"] = record["created_at"].isoformat()
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        return len(changes)
+
+
+def _revive(conn: sqlite3.Connection, seq: int, now: float) -> None:
+    conn.execute(
+        "UPDATE changes SET state = 'pending', next_attempt_at = ?, attempts = 0, "
+        "error_code = NULL, updated_at = ? WHERE seq = ?",
+        (now, now, seq),
+    )

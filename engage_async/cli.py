@@ -1,0 +1,304 @@
+"""``engage-async``: the demo, the sidecar flusher, the outbox admin and the simulator.
+
+Configuration comes from the ``ENGAGE_*`` environment variables, with flags for the settings
+an operator changes per run. The API key is only ever read from ``ENGAGE_API_KEY``: a flag
+would show it in the process list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from . import __version__
+from ._config import EngageConfig
+from ._errors import ChangeNotFound, EngageError
+from ._flusher import OutboxFlusher
+from ._models import FlushReport
+from ._xmlfiles import validate_file
+from .admin import OutboxAdmin, OutboxEntry
+
+__all__ = ["main"]
+
+_DEFAULT_OUTBOX = "engage-outbox.sqlite3"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="engage-async",
+        description="Voyado Engage client tools: demo, outbox flusher, outbox admin, simulator.",
+    )
+    parser.add_argument("--version", action="version", version=f"engage-async {__version__}")
+    parser.add_argument(
+        "--log-level", default="WARNING", help="logging level (default WARNING; INFO shows batches)"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo",
+        help="run the whole story against a built-in simulator (no credentials needed)",
+        description="Start a FakeEngage on loopback and a temporary outbox, make Engage go "
+        "down, queue writes, bring it back, drain the outbox through the bulk API and "
+        "reconcile the GUIDs, printing what happens.",
+    )
+    demo.add_argument("--quiet", action="store_true", help="print only the final summary")
+    demo.add_argument("--keep", metavar="DIR", help="keep the outbox in DIR instead of a temp dir")
+
+    flush = commands.add_parser(
+        "flush",
+        help="run the outbox flusher (the sidecar) until SIGTERM or SIGINT",
+        description="Replay the outbox into Engage. Configured by ENGAGE_* variables "
+        "(ENGAGE_BASE_URL, ENGAGE_API_KEY, ENGAGE_USER_AGENT, ENGAGE_OUTBOX, ...).",
+    )
+    flush.add_argument("--once", action="store_true", help="drain what is due, then exit")
+    flush.add_argument("--outbox", help="outbox file (default: $ENGAGE_OUTBOX)")
+    flush.add_argument("--base-url", help="Engage base URL (default: $ENGAGE_BASE_URL)")
+    flush.add_argument("--user-agent", help="System/version (default: $ENGAGE_USER_AGENT)")
+    flush.add_argument("--fallback-mode", choices=("bulk", "xml"), help="bulk API or XML files")
+    flush.add_argument("--xml-dir", help="where XML fallback files go (default: $ENGAGE_XML_DIR)")
+    flush.add_argument(
+        "--no-progress", action="store_true", help="with --once: no progress display"
+    )
+
+    outbox = commands.add_parser("outbox", help="inspect and manage the outbox")
+    outbox.add_argument(
+        "--outbox", help=f"outbox file (default: $ENGAGE_OUTBOX or {_DEFAULT_OUTBOX})"
+    )
+    admin = outbox.add_subparsers(dest="action", required=True, metavar="ACTION")
+    admin.add_parser("stats", help="counts per state, oldest waiting change, pause")
+    listing = admin.add_parser("list", help="list changes (personal data masked)")
+    listing.add_argument("--state", choices=("pending", "inflight", "waiting_guid", "done", "dead"))
+    listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument("--key", help="only this contact: a GUID, a ref or a key value")
+    listing.add_argument("--reveal", action="store_true", help="show personal data")
+    show = admin.add_parser("show", help="show one change with its body")
+    show.add_argument("change_id")
+    show.add_argument("--reveal", action="store_true", help="show personal data")
+    requeue = admin.add_parser("requeue", help="send a dead change again (or --all dead ones)")
+    requeue.add_argument("change_id", nargs="?")
+    requeue.add_argument("--all", action="store_true", help="requeue every dead change")
+    discard = admin.add_parser("discard", help="give up on a change, with a reason")
+    discard.add_argument("change_id")
+    discard.add_argument("--reason", required=True)
+    export = admin.add_parser("export", help="write changes not yet done as JSON lines")
+    export.add_argument("path")
+    validate = admin.add_parser("validate-xml", help="check XML fallback files against the XSD")
+    validate.add_argument("paths", nargs="+", metavar="FILE")
+
+    simulate = commands.add_parser(
+        "simulate",
+        help="serve FakeEngage for your own integration tests",
+        description="Serve the Engage simulator on loopback until interrupted.",
+    )
+    simulate.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    simulate.add_argument("--host", default="127.0.0.1")
+    simulate.add_argument("--api-key", default="fake-api-key", help="the key it accepts")
+    simulate.add_argument("--bulk-delay", type=float, default=0.0, help="seconds per batch")
+    simulate.add_argument(
+        "--rate-limit", type=float, default=200.0, help="429 above this many requests/s"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    commands: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
+        "demo": _demo,
+        "flush": _flush,
+        "outbox": _outbox,
+        "simulate": _simulate,
+    }
+    try:
+        return asyncio.run(commands[args.command](args))
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): not an error; keep Python from complaining at exit.
+        sys.stdout = open(os.devnull, "w")  # noqa: PTH123, SIM115
+        return 0
+    except (EngageError, ValueError) as exc:
+        print(f"engage-async: {exc}", file=sys.stderr)
+        return 2
+
+
+# --- flush -----------------------------------------------------------------------------------
+
+
+def _flush_config(args: argparse.Namespace) -> EngageConfig:
+    overrides = {
+        name: value
+        for name, value in (
+            ("outbox_path", args.outbox),
+            ("base_url", args.base_url),
+            ("user_agent", args.user_agent),
+            ("fallback_mode", args.fallback_mode),
+            ("xml_dir", args.xml_dir),
+        )
+        if value is not None
+    }
+    return EngageConfig.from_env(**overrides)
+
+
+async def _flush(args: argparse.Namespace) -> int:
+    config = _flush_config(args)
+    async with OutboxFlusher(config) as flusher:
+        if not args.once:
+            await flusher.run(handle_signals=True)
+            return 0
+        show = _progress_printer() if not args.no_progress else None
+        report = await flusher.flush_once(on_progress=show)
+    if show is not None:
+        show(None)
+    print(_describe_report(report))
+    return 0
+
+
+def _progress_printer() -> Callable[[FlushReport | None], None]:
+    """A progress display for a long drain: a live line on a terminal, else a line every 5 s."""
+    live = sys.stderr.isatty()
+    last = [0.0]
+
+    def show(report: FlushReport | None) -> None:
+        if report is None:
+            if live and last[0]:
+                print(file=sys.stderr)
+            return
+        now = time.monotonic()
+        if not live and now - last[0] < 5:
+            return
+        last[0] = now
+        line = _describe_report(report)
+        print(f"\r{line}" if live else line, end="" if live else "\n", file=sys.stderr)
+
+    return show
+
+
+def _describe_report(report: FlushReport) -> str:
+    return ", ".join(
+        f"{field.name} {getattr(report, field.name)}" for field in attrs.fields(FlushReport)
+    )
+
+
+# --- outbox admin ------------------------------------------------------------------------------
+
+
+def _outbox_path(args: argparse.Namespace) -> Path:
+    return Path(args.outbox or os.environ.get("ENGAGE_OUTBOX") or _DEFAULT_OUTBOX)
+
+
+def _entry_line(entry: OutboxEntry) -> str:
+    # The last error matters while a change waits or is dead; once done it is history.
+    error = ""
+    if entry.last_error and entry.state in {"pending", "dead"}:
+        code = f"[{entry.error_code}] " if entry.error_code else ""
+        error = f"  {code}{entry.last_error}"
+    return (
+        f"{entry.change_id}  {entry.state:<12} {entry.operation:<12} {entry.contact_key}  "
+        f"{entry.key or ''}  attempts={entry.attempts}  {entry.created_at:%Y-%m-%d %H:%M:%S}Z"
+        f"{error}"
+    )
+
+
+async def _outbox(args: argparse.Namespace) -> int:
+    if args.action == "validate-xml":
+        return _validate_xml(args.paths)
+    async with OutboxAdmin(_outbox_path(args)) as admin:
+        if args.action == "stats":
+            stats = await admin.stats()
+            for state, count in stats.by_state.items():
+                print(f"{state:<13} {count}")
+            age = stats.oldest_pending_age
+            print(f"oldest waiting: {'-' if age is None else f'{age:.0f} s'}")
+            print(f"batches in flight: {stats.batches_in_flight}")
+            if stats.paused_until is not None:
+                print(f"paused until {stats.paused_until:%Y-%m-%d %H:%M:%S}Z: {stats.pause_reason}")
+        elif args.action == "list":
+            for entry in await admin.list(args.state, args.limit, args.key, reveal=args.reveal):
+                print(_entry_line(entry))
+        elif args.action == "show":
+            try:
+                entry = await admin.show(args.change_id, reveal=args.reveal)
+            except ChangeNotFound as exc:
+                print(f"engage-async: {exc}", file=sys.stderr)
+                return 1
+            record = attrs.asdict(entry)
+            record["created_at"] = entry.created_at.isoformat()
+            print(json.dumps(record, indent=2, ensure_ascii=False))
+        elif args.action == "requeue":
+            if args.all == bool(args.change_id):
+                print("engage-async: give a change id, or --all", file=sys.stderr)
+                return 2
+            if args.all:
+                print(f"requeued {await admin.requeue_dead()} dead change(s)")
+            else:
+                print(_entry_line(await admin.requeue(args.change_id)))
+        elif args.action == "discard":
+            print(_entry_line(await admin.discard(args.change_id, args.reason)))
+        elif args.action == "export":
+            print(f"exported {await admin.export(args.path)} change(s) to {args.path}")
+    return 0
+
+
+def _validate_xml(paths: Sequence[str]) -> int:
+    failed = False
+    for name in paths:
+        problems = validate_file(Path(name))
+        print(f"{name}: {'valid' if not problems else 'INVALID'}")
+        for problem in problems:
+            print(f"  {problem}")
+        failed = failed or bool(problems)
+    return 1 if failed else 0
+
+
+# --- simulator ---------------------------------------------------------------------------------
+
+
+async def _simulate(args: argparse.Namespace) -> int:
+    from .testing import FakeEngage  # noqa: PLC0415 - the simulator is optional at run time
+
+    rate_limit = args.rate_limit if args.rate_limit > 0 else None
+    async with FakeEngage(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        bulk_delay=args.bulk_delay,
+        rate_limit=rate_limit,
+    ) as fake:
+        print(f"FakeEngage listening on {fake.url} (api key: {fake.api_key})", flush=True)
+        print("Press Ctrl+C to stop.", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for number in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(number, stop.set)
+        await stop.wait()
+    return 0
+
+
+# --- demo --------------------------------------------------------------------------------------
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from ._demo import run_demo  # noqa: PLC0415 - the demo's story lives in its own module
+
+    return await run_demo(quiet=args.quiet, keep=Path(args.keep) if args.keep else None)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
