@@ -5,7 +5,10 @@ methods; writes Engage cannot take are kept in a SQLite outbox and replayed by a
 `OutboxFlusher`. `engage_async.testing.FakeEngage` simulates Engage for tests.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from importlib import import_module as _import_module
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
+from importlib.metadata import version as _version
+from typing import Any as _Any
 
 from ._config import EngageConfig
 from ._errors import (
@@ -53,9 +56,18 @@ from ._wire import CLEAR
 from .admin import OutboxAdmin, OutboxEntry, OutboxStats
 
 try:
-    __version__ = version("engage-async")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+    __version__ = _version("engage-async")
+except _PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0"
+
+
+def __getattr__(name: str) -> _Any:
+    # `ea.testing.FakeEngage` after a plain `import engage_async as ea`, without loading the
+    # simulator's server code into every application that never uses it.
+    if name == "testing":
+        return _import_module(".testing", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CLEAR",

@@ -1,8 +1,8 @@
 """How two queued changes to the same contact become one.
 
-Updates carry absolute values, so the later value of a field wins. Two nested parts of a
-contact are merged rather than replaced: ``preferences`` key by key, and ``consents`` by their
-``id``, since an update that sets one consent must not undo another still waiting to be sent.
+Updates carry absolute values, so the later value of a field wins. Nested objects (such as
+``preferences``) merge key by key, and ``consents`` merge by their ``id``, since an update that
+sets one consent must not undo another still waiting to be sent. Other lists are replaced.
 """
 
 from __future__ import annotations

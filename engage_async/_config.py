@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -15,7 +17,13 @@ import attrs
 __all__ = ["EngageConfig"]
 
 KEY_ATTRIBUTES = ("email", "mobilePhone", "socialSecurityNumber", "externalId", "memberNumber")
-_USER_AGENT = re.compile(r"[^/\s][^/\x00-\x1f]*/[^\s\x00-\x1f]+.*")
+# "System/version", printable: a control character would corrupt the header.
+_USER_AGENT = re.compile(
+    r"[^/\s\x00-\x1f\x7f][^/\x00-\x1f\x7f]*/[^\s\x00-\x1f\x7f]+[^\x00-\x1f\x7f]*"
+)
+
+# Every validator's message starts with "<field>: " so that from_env can name the variable.
+_Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
 
 
 def _is_loopback(host: str) -> bool:
@@ -33,36 +41,69 @@ def _check_base_url(_: Any, attribute: attrs.Attribute[str], value: str) -> None
         raise ValueError(f"{attribute.name}: must be an absolute http(s) URL")
     if parts.scheme == "http" and not _is_loopback(parts.hostname):
         raise ValueError(f"{attribute.name}: must use https unless the host is loopback")
+    if parts.path not in {"", "/"}:
+        raise ValueError(f"{attribute.name}: must be the tenant's address only (no path)")
     if parts.query or parts.fragment:
         raise ValueError(f"{attribute.name}: must not have a query or fragment")
 
 
 def _check_api_key(_: Any, attribute: attrs.Attribute[str], value: str) -> None:
-    if not value or not value.strip():
+    if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{attribute.name}: must not be empty")
-    if any(c.isspace() for c in value):
-        raise ValueError(f"{attribute.name}: must not contain whitespace")
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError(f"{attribute.name}: must not contain whitespace or control characters")
 
 
 def _check_user_agent(_: Any, attribute: attrs.Attribute[str], value: str) -> None:
-    if not _USER_AGENT.fullmatch(value):
+    if not isinstance(value, str) or not _USER_AGENT.fullmatch(value):
         raise ValueError(f'{attribute.name}: must look like "System/version", e.g. "AcmePOS/1.5"')
 
 
+def _number(attribute: attrs.Attribute[Any], value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{attribute.name}: must be a finite number")
+    return float(value)
+
+
 def _positive(_: Any, attribute: attrs.Attribute[float], value: float) -> None:
-    if not value > 0:
+    if not _number(attribute, value) > 0:
         raise ValueError(f"{attribute.name}: must be greater than 0")
 
 
 def _not_negative(_: Any, attribute: attrs.Attribute[float], value: float) -> None:
-    if value < 0:
+    if _number(attribute, value) < 0:
         raise ValueError(f"{attribute.name}: must not be negative")
+
+
+def _whole(low: int, high: int | None = None) -> _Validator:
+    def check(_: Any, attribute: attrs.Attribute[int], value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{attribute.name}: must be a whole number")
+        if value < low or (high is not None and value > high):
+            bounds = f"at least {low}" if high is None else f"from {low} to {high}"
+            raise ValueError(f"{attribute.name}: must be {bounds}")
+
+    return check
+
+
+def _one_of(*choices: object) -> _Validator:
+    def check(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value not in choices or isinstance(value, bool):
+            listed = ", ".join(repr(choice) for choice in choices)
+            raise ValueError(f"{attribute.name}: must be one of {listed}")
+
+    return check
+
+
+def _name(_: Any, attribute: attrs.Attribute[str], value: str) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{attribute.name}: must not be empty")
 
 
 def _delays(
     _: Any, attribute: attrs.Attribute[tuple[float, ...]], value: tuple[float, ...]
 ) -> None:
-    if not value or any(not d > 0 for d in value):
+    if not value or any(not math.isfinite(d) or not d > 0 for d in value):
         raise ValueError(f"{attribute.name}: must be one or more delays greater than 0")
 
 
@@ -74,11 +115,18 @@ def _contact_keys(_: Any, attribute: attrs.Attribute[Mapping[str, str]], value: 
             )
 
 
-def _delay_tuple(value: Iterable[float]) -> tuple[float, ...]:
-    return tuple(float(delay) for delay in value)
+def _delay_tuple(value: Iterable[float] | str) -> tuple[float, ...]:
+    if isinstance(value, str):
+        return _parse_delays(value)
+    try:
+        return tuple(float(delay) for delay in value)
+    except (TypeError, ValueError):
+        raise ValueError("background_delays: must be numbers of seconds") from None
 
 
 def _strip_slash(value: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError("base_url: must be a str")
     return value.rstrip("/")
 
 
@@ -97,7 +145,8 @@ def _xml_dir(value: str | os.PathLike[str]) -> Path:
 
 
 def _frozen_mapping(value: Mapping[str, str]) -> Mapping[str, str]:
-    return dict(value)
+    # Read-only, so no one can slip an unchecked key type in after validation.
+    return MappingProxyType(dict(value))
 
 
 @attrs.frozen(kw_only=True)
@@ -114,47 +163,53 @@ class EngageConfig:
     api_key: str = attrs.field(repr=False, validator=_check_api_key)
     user_agent: str = attrs.field(validator=_check_user_agent)
     outbox_path: Path = attrs.field(default=Path("engage-outbox.sqlite3"), converter=_outbox_path)
-    api_version: Literal[2, 3] = attrs.field(default=3, validator=attrs.validators.in_((2, 3)))
+    api_version: Literal[2, 3] = attrs.field(default=3, validator=_one_of(2, 3))
     rate_limit: float = attrs.field(default=40.0, validator=_positive)
     interactive_deadline: float = attrs.field(default=3.0, validator=_positive)
     request_timeout: float = attrs.field(default=30.0, validator=_positive)
     fallback_mode: Literal["bulk", "xml"] = attrs.field(
-        default="bulk", validator=attrs.validators.in_(("bulk", "xml"))
+        default="bulk", validator=_one_of("bulk", "xml")
     )
     xml_dir: Path = attrs.field(default=Path("engage-xml"), converter=_xml_dir)
     lease_seconds: float = attrs.field(default=30.0, validator=_positive)
     durability: Literal["full", "normal"] = attrs.field(
-        default="full", validator=attrs.validators.in_(("full", "normal"))
+        default="full", validator=_one_of("full", "normal")
     )
     # Beyond the contract's table: retry policy, breaker, identity map, flusher tuning.
-    retry_attempts: int = attrs.field(default=3, validator=attrs.validators.ge(1))
+    retry_attempts: int = attrs.field(default=3, validator=_whole(1))
     retry_initial_delay: float = attrs.field(default=0.1, validator=_positive)
     retry_max_delay: float = attrs.field(default=1.0, validator=_positive)
     background_delays: tuple[float, ...] = attrs.field(
         default=(10.0, 30.0, 60.0, 300.0, 900.0), converter=_delay_tuple, validator=_delays
     )
-    breaker_threshold: int = attrs.field(default=5, validator=attrs.validators.ge(1))
+    breaker_threshold: int = attrs.field(default=5, validator=_whole(1))
     breaker_cooldown: float = attrs.field(default=30.0, validator=_positive)
     identity_ttl: float = attrs.field(default=3600.0, validator=_not_negative)
-    default_contact_type: str = attrs.field(default="Member", validator=attrs.validators.min_len(1))
+    default_contact_type: str = attrs.field(default="Member", validator=_name)
     contact_keys: Mapping[str, str] = attrs.field(
-        factory=dict, converter=_frozen_mapping, validator=_contact_keys
+        factory=dict, converter=_frozen_mapping, validator=_contact_keys, hash=False
     )
     custom_key_attribute: Literal["externalId", "memberNumber"] = attrs.field(
-        default="externalId", validator=attrs.validators.in_(("externalId", "memberNumber"))
+        default="externalId", validator=_one_of("externalId", "memberNumber")
     )
-    bulk_threshold: int = attrs.field(default=20, validator=attrs.validators.ge(0))
-    bulk_max_items: int = attrs.field(
-        default=4000, validator=[attrs.validators.ge(1), attrs.validators.le(4000)]
-    )
+    bulk_threshold: int = attrs.field(default=20, validator=_whole(0))
+    bulk_max_items: int = attrs.field(default=4000, validator=_whole(1, 4000))
     busy_timeout: float = attrs.field(default=10.0, validator=_positive)
-    max_attempts: int = attrs.field(default=8, validator=attrs.validators.ge(1))
+    max_attempts: int = attrs.field(default=8, validator=_whole(1))
     batch_poll_initial: float = attrs.field(default=2.0, validator=_positive)
     batch_poll_max: float = attrs.field(default=60.0, validator=_positive)
     batch_timeout: float = attrs.field(default=6 * 3600.0, validator=_positive)
-    reconcile_max_lookups: int = attrs.field(default=12, validator=attrs.validators.ge(1))
+    reconcile_max_lookups: int = attrs.field(default=12, validator=_whole(1))
     poll_interval: float = attrs.field(default=1.0, validator=_positive)
     keep_done: float = attrs.field(default=7 * 86400.0, validator=_not_negative)
+
+    def __attrs_post_init__(self) -> None:
+        for low, high in (
+            ("retry_initial_delay", "retry_max_delay"),
+            ("batch_poll_initial", "batch_poll_max"),
+        ):
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(f"{low}: must not be greater than {high}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> EngageConfig:

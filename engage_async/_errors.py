@@ -80,6 +80,9 @@ class EngageConnectionError(EngageUnavailable):
         super().__init__(message)
         self.request_sent = request_sent
 
+    def __reduce__(self) -> Any:
+        return _rebuild, (type(self), self.args, self.__dict__)
+
 
 class EngageTimeout(EngageUnavailable):
     """No answer came within the time allowed; the request may have been applied."""
@@ -124,6 +127,10 @@ class EngageHTTPError(EngageError):
         self.method = method
         self.path = path
         self.retry_after = retry_after
+
+    def __reduce__(self) -> Any:
+        # Keyword-only arguments defeat Exception's default pickling; rebuild from state.
+        return _rebuild, (type(self), self.args, self.__dict__)
 
 
 class InvalidRequest(EngageHTTPError):
@@ -178,6 +185,9 @@ class PayloadError(EngageError, ValueError):
         self.field = field
         self.reason = reason
 
+    def __reduce__(self) -> Any:
+        return _rebuild, (type(self), self.args, self.__dict__)
+
 
 class EmptyValueError(PayloadError):
     """A None or "" value would overwrite data on Engage; send `CLEAR` to clear on purpose."""
@@ -189,3 +199,11 @@ class OutboxError(EngageError):
 
 class ChangeNotFound(EngageError, LookupError):
     """No outbox change has that id."""
+
+
+def _rebuild(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    """Unpickle an exception without calling its __init__."""
+    exc = cls.__new__(cls)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc

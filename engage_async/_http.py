@@ -123,9 +123,18 @@ def create_contact(
         storeExternalId=store_external_id,
         createAsUnapproved="true" if create_as_unapproved else None,
     )
+    # A 404 here means the endpoint is missing, not a contact.
     if api_version >= 3:
-        return Call("POST", f"{root}/contacts", options, body, idempotent=False)
-    return Call("POST", f"{root}/contacts", (), body, headers=options, idempotent=False)
+        return Call("POST", f"{root}/contacts", options, body, idempotent=False, contact_call=False)
+    return Call(
+        "POST",
+        f"{root}/contacts",
+        (),
+        body,
+        headers=options,
+        idempotent=False,
+        contact_call=False,
+    )
 
 
 def update_contact(root: str, api_version: int, contact_id: str, body: bytes) -> Call:
@@ -253,6 +262,8 @@ def _parse_retry_after(value: str | None) -> float | None:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
+    if when.tzinfo is None:  # "-0000" means "UTC, source unknown" in RFC 5322
+        when = when.replace(tzinfo=UTC)
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
@@ -267,13 +278,13 @@ def _error_fields(body: bytes) -> tuple[str | None, str | None, dict[str, Any]]:
     if not isinstance(data, Mapping):
         return None, None, {}
     texts = {key.lower(): value for key, value in data.items() if isinstance(value, str)}
-    code = next(
-        (texts[key] for key in ("errorcode", "code", "error") if texts.get(key)),
-        None,
-    )
+    # Only an identifier is a code; free text under "error" or "code" is a message, and goes
+    # through the scrubber like one.
+    candidates = [texts[key] for key in ("errorcode", "code", "error") if texts.get(key)]
+    code = next((text for text in candidates if _IDENTIFIER.fullmatch(text)), None)
     message = next(
         (texts[key] for key in ("message", "detail", "title", "errormessage") if texts.get(key)),
-        None,
+        next((text for text in candidates if text != code), None),
     )
     if code is None and message is not None and _IDENTIFIER.fullmatch(message):
         code = message
@@ -321,12 +332,15 @@ def error_for_status(
         "path": call.path,
     }
     if status == 404:
-        is_contact = code == "ContactNotFound" or (code is None and call.contact_call)
+        # Without Engage's code, a 404 means "no such contact" only on a contact call and
+        # only if it is not a proxy's HTML page (a wrong base URL must not read as "absent").
+        html = _content_type(headers).endswith("html") or text.lstrip().startswith("<")
+        is_contact = code == "ContactNotFound" or (code is None and call.contact_call and not html)
         cls: type[EngageHTTPError] = ContactNotFound if is_contact else EngageHTTPError
         return cls(summary, **common)
     if status == 409 and code == "MultipleMatches":
         found = details.get("multipleMatchesFound") or ()
-        ids = [str(item) for item in found] if isinstance(found, list) else []
+        ids = [str(item).lower() for item in found] if isinstance(found, list) else []
         return MultipleMatches(summary, contact_ids=ids, **common)
     if status == 429:
         retry_after = _parse_retry_after(_header(headers, "retry-after"))

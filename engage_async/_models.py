@@ -116,7 +116,7 @@ class Consent:
     id: str | None = None
     value: bool | None = None
     date: datetime | None = None
-    comment: str | None = None
+    comment: str | None = _private()  # free text: may name the person
     source: str | None = None
 
 

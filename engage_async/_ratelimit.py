@@ -54,9 +54,9 @@ class RateLimiter:
         return wait
 
     async def acquire(self) -> None:
-        """Wait until one more call fits in the window, then count it."""
-        if not self._lock.locked() and self._try_admit() == 0.0:
-            return
+        """Wait until one more call fits in the window, then count it (first come, first in)."""
+        # Always through the lock: a shortcut around it would let a newcomer take the slot a
+        # waiter was about to get. An uncontended asyncio.Lock does not suspend.
         async with self._lock:
             while (wait := self._try_admit()) > 0:
                 await self._sleep(wait)

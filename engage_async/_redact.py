@@ -24,21 +24,22 @@ def scrub(text: str, *, limit: int = MAX_TEXT) -> str:
 
     Contact ids (GUIDs) are kept: they identify without being personal data, and logs need them.
     """
-    if len(text) > limit:
-        text = text[:limit] + "..."
-    return _SCRUB.sub(lambda m: m.group("guid") or "***", text)
+    # Scrub before cutting: a cut through an email would leave a readable piece of it.
+    text = _SCRUB.sub(lambda m: m.group("guid") or "***", text)
+    return text[:limit] + "..." if len(text) > limit else text
 
 
 def mask(value: str) -> str:
     """Shorten a personal value to a hint an operator can recognise but not read.
 
-    ``anna@example.com`` -> ``a***@e***.com``; ``+46701234567`` -> ``+4******67``.
+    ``anna@example.com`` -> ``a***@e***.com``; ``+46701234567`` -> ``+4********67``; values
+    of eight characters or fewer keep only their first character.
     """
     if "@" in value:
         local, _, domain = value.partition("@")
         host, dot, tld = domain.rpartition(".")
         masked_domain = f"{host[:1]}***{dot}{tld}" if dot else f"{domain[:1]}***"
         return f"{local[:1]}***@{masked_domain}"
-    if len(value) <= 4:
-        return "***"
+    if len(value) <= 8:
+        return f"{value[:1]}***" if len(value) > 2 else "***"
     return f"{value[:2]}{'*' * (len(value) - 4)}{value[-2:]}"

@@ -370,18 +370,27 @@ class EngageSession:
     async def _pages(
         self, page_call: Callable[[int, int], _http.Call], limit: int | None
     ) -> list[Any]:
-        """Every item of a list endpoint, page by page; a bare-array answer is all there is."""
+        """Every item of a list endpoint, page by page.
+
+        Follows ``totalCount`` when Engage gives one; otherwise a short page is the last. A
+        page equal to the one before means the server ignores the offset: stop there.
+        """
         items: list[Any] = []
         offset = 0
+        previous: list[Any] | None = None
         while limit is None or len(items) < limit:
             count = _http.PAGE_SIZE if limit is None else min(_http.PAGE_SIZE, limit - len(items))
             data = await self._call(page_call(offset, count), until=self._deadline())
             page, total = _http.read_page(data)
+            if not page or page == previous:
+                break
             items.extend(page)
             offset += len(page)
-            if isinstance(data, list) or len(page) < count:
-                break
-            if total is not None and offset >= total:
+            previous = page
+            if total is not None:
+                if offset >= total:
+                    break
+            elif len(page) < count:
                 break
         return items if limit is None else items[:limit]
 

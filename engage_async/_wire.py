@@ -95,6 +95,40 @@ def _passthrough(value: Any, _: type) -> Any:
     return value
 
 
+_TRUE_WORDS = frozenset({"true", "yes", "1"})
+_FALSE_WORDS = frozenset({"false", "no", "0"})
+
+
+def _lenient_bool(value: Any, _: type) -> bool | None:
+    # bool("false") is True: read words as words, and give up (None) on anything else.
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE_WORDS:
+            return True
+        if word in _FALSE_WORDS:
+            return False
+    return None
+
+
+def _lenient_int(value: Any, _: type) -> int | None:
+    # One odd field (an "age" of "unknown") must not make a whole contact unreadable.
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _lenient_float(value: Any, _: type) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _is_homogeneous_tuple(kind: Any) -> bool:
     args = typing.get_args(kind)
     return typing.get_origin(kind) is tuple and len(args) == 2 and args[1] is Ellipsis
@@ -113,6 +147,9 @@ def make_converter() -> cattrs.Converter:
     conv = cattrs.Converter()
     conv.register_structure_hook(datetime, _parse_datetime)
     conv.register_structure_hook(date, _parse_date)
+    conv.register_structure_hook(bool, _lenient_bool)
+    conv.register_structure_hook(int, _lenient_int)
+    conv.register_structure_hook(float, _lenient_float)
     conv.register_unstructure_hook(datetime, datetime.isoformat)
     conv.register_unstructure_hook(date, date.isoformat)
     conv.register_structure_hook_func(_is_scalar_union, _passthrough)
@@ -235,7 +272,11 @@ def _prepare_mapping(payload: Mapping[Any, Any], path: str) -> dict[str, Any]:
 def _prepare_value(value: Any, path: str) -> Any:
     if value is CLEAR:
         return None
-    if value is None or value == "":
+    if (
+        value is None
+        or (isinstance(value, str) and not value.strip())
+        or (isinstance(value, Mapping | list | tuple) and not value)
+    ):
         raise EmptyValueError(
             path, "empty values overwrite data on Engage; leave the field out, or send CLEAR"
         )
