@@ -64,32 +64,36 @@ class EngageError(Exception):
 class EngageUnavailable(EngageError):
     """Engage gave no usable answer: network error, timeout, 5xx, or an open circuit.
 
-    A write that fails this way is queued in the outbox when the session has one; reads
-    raise it.
+    Writes that fail this way are queued in the outbox; reads raise it. `request_sent` is
+    False only when the request cannot have reached Engage (the connection was never made,
+    the circuit was open, the client-side rate limit held it back), which makes a create
+    safe to send again.
     """
 
-
-class EngageConnectionError(EngageUnavailable):
-    """The connection failed: refused, reset, DNS, TLS, or dropped before the answer.
-
-    `request_sent` is False only when the request cannot have reached Engage (the
-    connection was never made), which makes a create safe to send again.
-    """
-
-    def __init__(self, message: str, *, request_sent: bool) -> None:
+    def __init__(self, message: str, *, request_sent: bool = True) -> None:
         super().__init__(message)
         self.request_sent = request_sent
 
     def __reduce__(self) -> Any:
+        # Keyword-only arguments defeat Exception's default pickling; rebuild from state.
         return _rebuild, (type(self), self.args, self.__dict__)
 
 
+class EngageConnectionError(EngageUnavailable):
+    """The connection failed: refused, reset, DNS, TLS, or dropped before the answer."""
+
+
 class EngageTimeout(EngageUnavailable):
-    """No answer came within the time allowed; the request may have been applied."""
+    """No answer came within the time allowed; unless `request_sent` is False, the request
+    may have been applied.
+    """
 
 
 class CircuitOpen(EngageUnavailable):
     """Recent calls failed in a row, so this one did not touch the network."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, request_sent=False)
 
 
 class EngageHTTPError(EngageError):

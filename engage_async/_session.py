@@ -38,7 +38,6 @@ from ._errors import (
     CircuitOpen,
     ContactNotFound,
     EngageConflict,
-    EngageConnectionError,
     EngageError,
     EngageServerError,
     EngageTimeout,
@@ -178,7 +177,9 @@ class EngageSession:
             )
         try:
             status, headers, body = await self._transport.send(call, remaining)
-        except EngageUnavailable:
+        except EngageUnavailable as exc:
+            if isinstance(exc, EngageTimeout) and not exc.request_sent:
+                raise  # held back by our own rate limit: says nothing about Engage
             self._breaker.record_failure()
             raise
         if status >= 500:
@@ -488,6 +489,8 @@ class EngageSession:
                     if found is not None:
                         return await self._existing(create, found, until)
                     continue
+                except CircuitOpen:
+                    raise  # not sent: queued as it stands (`checked` still holds)
                 except EngageServerError as exc:
                     if exc.status == 504 and exc.error_code == "RequestTimeOut":
                         # Engage documents this one as rolled back: nothing was created.
@@ -495,7 +498,7 @@ class EngageSession:
                         continue
                     checked = False
                     raise
-                except EngageConnectionError as exc:
+                except EngageUnavailable as exc:
                     if not exc.request_sent:
                         await self._pause(next(delays), until)
                         continue
@@ -504,9 +507,6 @@ class EngageSession:
                 except RateLimited as exc:
                     await self._pause(max(next(delays), exc.retry_after or 0.0), until)
                     continue
-                except EngageUnavailable:
-                    checked = False
-                    raise
                 return await self._created(create, data)
             raise EngageUnavailable(f"POST {self._root}/contacts: no attempt succeeded")
         except (EngageUnavailable, RateLimited) as exc:

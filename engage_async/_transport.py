@@ -64,12 +64,22 @@ class Transport:
         """
         if self._http is None:
             raise RuntimeError("the transport is not open")
-        await self._limiter.acquire()
+        deadline = asyncio.get_running_loop().time() + timeout
+        try:
+            # Waiting for the client-side rate limit counts against the caller's time too.
+            async with asyncio.timeout_at(deadline):
+                await self._limiter.acquire()
+        except TimeoutError:
+            raise EngageTimeout(
+                f"{call.target}: not sent, the rate limit ({self._limiter.capacity}/s) "
+                f"left no room within {timeout:.2f} s",
+                request_sent=False,
+            ) from None
         headers = {**self._headers, **dict(call.headers)} if call.headers else self._headers
         url = URL(self._base + call.url_suffix(), encoded=True)
         try:
             async with (
-                asyncio.timeout(timeout),
+                asyncio.timeout_at(deadline),
                 self._http.request(
                     call.method,
                     url,
