@@ -60,7 +60,7 @@ from ._redact import scrub
 from ._replay_queue import ReplayQueue
 from ._retry import background_delay
 from ._transport import Transport
-from ._wire import normalize_contact_id
+from ._wire import contact_id_from_engage
 
 __all__ = ["OutboxFlusher"]
 
@@ -229,16 +229,21 @@ class OutboxFlusher:
         restore = self._handle_signals() if handle_signals else None
         try:
             while not self._stopping:
+                wait = self.config.poll_interval
                 try:
-                    report = await self.flush_once(wait_for_batches=False)
+                    await self.flush_once(wait_for_batches=False)
+                    await self._prune_now_and_then()
                 except OutboxError as exc:
                     log.error("outbox unavailable, retrying: %s", exc)  # noqa: TRY400
-                    report = None
-                if report is not None:
-                    await self._prune_now_and_then()
+                    wait = max(wait, self.config.background_delays[0])
+                except Exception:
+                    # A flusher running beside an app must not die quietly on one bad step;
+                    # the rows it held were given back, so try again after a while.
+                    log.exception("flush failed; retrying")
+                    wait = max(wait, self.config.background_delays[0])
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.config.poll_interval)
+                    await asyncio.wait_for(self._wake.wait(), wait)
         finally:
             if restore is not None:
                 restore()
@@ -300,6 +305,11 @@ class OutboxFlusher:
                         worked = await self._step(tally)
                     except _Outage as outage:
                         await self._pause_all(outage)
+                        break
+                    except UnexpectedResponse as exc:
+                        # An answer we cannot read would be the same next second: wait as
+                        # after an outage, so the retries follow the long schedule.
+                        await self._pause_all(_Outage(str(exc)))
                         break
                     if worked:
                         if on_progress is not None:
@@ -510,10 +520,7 @@ class OutboxFlusher:
             return None
         except (EngageServerError, RateLimited, EngageAuthError) as exc:
             raise self._outage_for(exc) from exc
-        found = _http.read_contact_id(data)
-        if found is None:
-            raise UnexpectedResponse(f"{call.target}: the answer holds no contact id")
-        return normalize_contact_id(found, "the contact id Engage returned")
+        return contact_id_from_engage(_http.read_contact_id(data))
 
     async def _look_up_creates(
         self, creates: list[Change], tally: _Tally
@@ -617,10 +624,7 @@ class OutboxFlusher:
 
     async def _applied(self, change: Change, data: Any, tally: _Tally) -> None:
         if change.operation is Operation.CREATE:
-            guid = _http.read_contact_id(data)
-            if guid is None:
-                raise UnexpectedResponse("POST contacts: the answer holds no contact id")
-            await self._created(change, normalize_contact_id(guid))
+            await self._created(change, contact_id_from_engage(_http.read_contact_id(data)))
             tally.created += 1
         else:
             await self._finish([change])

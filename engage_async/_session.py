@@ -44,7 +44,6 @@ from ._errors import (
     EngageUnavailable,
     PayloadError,
     RateLimited,
-    UnexpectedResponse,
 )
 from ._keys import (
     LOOKUP_PARAMETERS,
@@ -60,7 +59,7 @@ from ._outbox import Outbox
 from ._redact import scrub
 from ._retry import interactive_delays
 from ._transport import Transport
-from ._wire import normalize_contact_id, prepare_payload, structure
+from ._wire import contact_id_from_engage, normalize_contact_id, prepare_payload, structure
 
 __all__ = ["EngageSession"]
 
@@ -310,10 +309,7 @@ class EngageSession:
             data = await self._call(call, until=until)
         except ContactNotFound:
             return None
-        contact_id = _http.read_contact_id(data)
-        if contact_id is None:
-            raise UnexpectedResponse(f"{call.target}: the answer holds no contact id")
-        return normalize_contact_id(contact_id, "the contact id Engage returned")
+        return contact_id_from_engage(_http.read_contact_id(data))
 
     async def get_contact(self, contact_id: str) -> Contact:
         """The contact (``GET /contacts/{id}``).
@@ -544,7 +540,7 @@ class EngageSession:
 
     async def _created(self, create: _Create, data: Any) -> Delivery:
         contact = structure(data, Contact)
-        guid = normalize_contact_id(contact.id, "the contact id Engage returned")
+        guid = contact_id_from_engage(contact.id)
         return await self._remember_created(create, guid, existed=False, contact=contact)
 
     async def _remember_created(

@@ -30,6 +30,7 @@ __all__ = [
     "CLEAR",
     "Clear",
     "camel",
+    "contact_id_from_engage",
     "converter",
     "make_converter",
     "normalize_contact_id",
@@ -237,6 +238,17 @@ def normalize_contact_id(value: object, field: str = "contact_id") -> str:
     if not _GUID.fullmatch(value):
         raise ValueError(f"{field}: not a contact id (expected a GUID such as 2e40b702-...)")
     return value.lower()
+
+
+def contact_id_from_engage(value: object) -> str:
+    """A GUID Engage sent, normalised; anything else is Engage's answer being unreadable.
+
+    Raises:
+        UnexpectedResponse: `value` is not a GUID.
+    """
+    if not isinstance(value, str) or not _GUID.fullmatch(value.strip().strip('"')):
+        raise UnexpectedResponse("Engage's answer holds no contact id (a GUID) where one belongs")
+    return value.strip().strip('"').lower()
 
 
 def prepare_payload(payload: object, field: str) -> dict[str, Any]:
