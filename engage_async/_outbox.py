@@ -86,10 +86,13 @@ class Outbox:
                 be created or written.
         """
         db = await Database.open(
-            path, busy_timeout=busy_timeout, durability=durability, create=create
+            path,
+            busy_timeout=busy_timeout,
+            durability=durability,
+            prepare=migrate,
+            create=create,
         )
         try:
-            await db.run(migrate)
 
             def use_rows(conn: sqlite3.Connection) -> None:
                 conn.row_factory = row_factory
@@ -378,7 +381,8 @@ def _record_guid(conn: sqlite3.Connection, seq: int, contact_id: str, now: float
 def _tail(conn: sqlite3.Connection, contact_key: str) -> sqlite3.Row | None:
     """The last change still waiting for this contact: the only one a new change may join."""
     row: sqlite3.Row | None = conn.execute(
-        "SELECT seq, change_id, ref, operation, state, body, folded FROM changes "
+        "SELECT seq, change_id, ref, operation, state, body, folded, key_name, key_value, "
+        "contact_type FROM changes "
         "WHERE contact_key = ? AND state IN ('pending', 'inflight', 'waiting_guid') "
         "ORDER BY seq DESC LIMIT 1",
         (contact_key,),
@@ -389,12 +393,16 @@ def _tail(conn: sqlite3.Connection, contact_key: str) -> sqlite3.Row | None:
 def _queued_create(
     conn: sqlite3.Connection, key_name: str, key_value: str, contact_type: str | None
 ) -> sqlite3.Row | None:
-    """The newest create still waiting for this key and contact type."""
+    """The newest create still waiting for this key and contact type.
+
+    Matched on the normalised key, as Engage matches it: "ANN@Example.com" is the contact
+    "ann@example.com" is.
+    """
     row: sqlite3.Row | None = conn.execute(
         "SELECT change_id, ref, contact_key FROM changes WHERE operation = 'create' "
-        "AND state IN ('pending', 'inflight', 'waiting_guid') AND key_name = ? "
-        "AND key_value = ? AND contact_type = ? COLLATE NOCASE ORDER BY seq DESC LIMIT 1",
-        (key_name, key_value, contact_type),
+        "AND state IN ('pending', 'inflight', 'waiting_guid') AND identity = ? "
+        "ORDER BY seq DESC LIMIT 1",
+        (identity_key(key_name, key_value, contact_type),),
     ).fetchone()
     return row
 
@@ -435,21 +443,45 @@ def _merge_into_tail(
     elif tail["operation"] == Operation.CREATE:
         body = merge_changes(loads(tail["body"]) or {}, changes)
         folded = merge_changes(loads(tail["folded"]) or {}, changes)
+        key_value = tail["key_value"]
+        corrected = changes.get(tail["key_name"]) if tail["key_name"] else None
+        if isinstance(corrected, str) and corrected.strip():
+            # The contact will be created with the corrected key, so that is what its GUID is
+            # looked up by and what a second create for it must match.
+            key_value = corrected
         conn.execute(
-            "UPDATE changes SET body = ?, folded = ?, updated_at = ? WHERE seq = ?",
-            (dumps(body), dumps(folded), now, tail["seq"]),
+            "UPDATE changes SET body = ?, folded = ?, key_value = ?, identity = ?, "
+            "updated_at = ? WHERE seq = ?",
+            (
+                dumps(body),
+                dumps(folded),
+                key_value,
+                _identity_of(Operation.CREATE, tail["key_name"], key_value, tail["contact_type"]),
+                now,
+                tail["seq"],
+            ),
         )
     else:
         return None
     return Queued(tail["change_id"], ref=tail["ref"], merged=True)
 
 
+def _identity_of(
+    operation: Operation, key_name: str | None, key_value: str | None, contact_type: str | None
+) -> str | None:
+    """The identity-map key a create is matched by; None for other changes and keyless ones."""
+    if operation is not Operation.CREATE or not key_name or not key_value:
+        return None
+    return identity_key(key_name, key_value, contact_type)
+
+
 def _insert(conn: sqlite3.Connection, change: NewChange, now: float) -> Queued:
     change_id = new_change_id()
     conn.execute(
         "INSERT INTO changes (change_id, operation, contact_key, contact_id, ref, contact_type,"
-        " key_name, key_value, body, query, lookup_first, if_exists, created_at, updated_at,"
-        " next_attempt_at, last_error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " key_name, key_value, identity, body, query, lookup_first, if_exists, created_at,"
+        " updated_at, next_attempt_at, last_error)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             change_id,
             str(change.operation),
@@ -459,6 +491,7 @@ def _insert(conn: sqlite3.Connection, change: NewChange, now: float) -> Queued:
             change.contact_type,
             change.key_name,
             change.key_value,
+            _identity_of(change.operation, change.key_name, change.key_value, change.contact_type),
             dumps(change.body),
             dumps(change.query),
             int(change.lookup_first),

@@ -33,6 +33,8 @@ CREATE TABLE changes (
     contact_type    TEXT,               -- create: its type; contact_type: the target type
     key_name        TEXT,               -- the contact's key attribute, for lookups
     key_value       TEXT,
+    identity        TEXT,               -- create: its identity-map key (normalised key value),
+                                        -- so a second create for the same contact joins it
     body            TEXT,               -- the exact JSON body to send
     folded          TEXT,               -- updates folded into a create (applied as an
                                         -- update if the contact turns out to exist)
@@ -64,6 +66,8 @@ CREATE INDEX changes_waiting ON changes (next_attempt_at) WHERE state = 'waiting
 CREATE INDEX changes_by_state ON changes (state, seq);
 CREATE INDEX changes_by_batch ON changes (batch_id) WHERE batch_id IS NOT NULL;
 CREATE INDEX changes_by_ref ON changes (ref) WHERE ref IS NOT NULL;
+CREATE INDEX changes_queued_creates ON changes (identity)
+    WHERE operation = 'create' AND state IN ('pending', 'inflight', 'waiting_guid');
 
 -- key -> GUID: 'ref:<ref>' (kept for ever) or 'key:<attribute>:<type>:<value>' (a cache).
 CREATE TABLE identities (

@@ -88,10 +88,14 @@ class Database:
         *,
         busy_timeout: float,
         durability: Literal["full", "normal"],
+        prepare: Callable[[sqlite3.Connection], None],
         create: bool = True,
     ) -> Database:
-        """Open the file (creating it unless `create` is False) with WAL, the busy timeout and
-        durability set.
+        """Open the file (creating it unless `create` is False), let `prepare` accept (or
+        refuse) and migrate it, then set WAL and the durability.
+
+        `prepare` runs before anything changes the file: a foreign database it refuses is left
+        byte for byte as it was, mode included (switching to WAL would rewrite its header).
 
         Raises:
             OutboxError: the file is foreign, unreadable, missing (with `create` False), or
@@ -104,7 +108,6 @@ class Database:
             raise OutboxError(f"there is no outbox at {path}")
         _check_existing_file(path)
         _create_private(path)
-        _tighten_mode(path)
         try:
             connection = await aiosqlite.connect(path, isolation_level=None)
         except sqlite3.Error as exc:
@@ -113,18 +116,26 @@ class Database:
         milliseconds = int(busy_timeout * 1000)
         synchronous = "FULL" if durability == "full" else "NORMAL"
 
-        def configure(conn: sqlite3.Connection) -> None:
-            # busy_timeout first, so that even switching to WAL waits for other processes.
+        def wait_for_locks(conn: sqlite3.Connection) -> None:
+            # First, so that even the first look at the file waits for other processes.
             conn.execute(f"PRAGMA busy_timeout = {milliseconds}")
+
+        def configure(conn: sqlite3.Connection) -> None:
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"could not switch to WAL (got {mode})")
             conn.execute(f"PRAGMA synchronous = {synchronous}")
             conn.execute("PRAGMA foreign_keys = ON")
+            # A first read creates the -wal and -shm files now, with the database's 0600 mode
+            # (SQLite copies it), instead of at some later write.
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
 
         try:
+            await db.run(wait_for_locks)
+            await db.run(prepare)
+            _tighten_mode(path)
             await db.run(configure)
-        except OutboxError:
+        except BaseException:
             await db.close()
             raise
         return db

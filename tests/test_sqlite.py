@@ -13,10 +13,16 @@ from engage_async import OutboxError
 from engage_async._sqlite import Database
 
 
+def accept_any(conn: sqlite3.Connection) -> None:
+    """A prepare step that takes any file as it is."""
+
+
 @pytest.fixture(name="db")
 async def db_fixture(tmp_path: Path):
     """An open Database on a fresh file."""
-    db = await Database.open(tmp_path / "seam.sqlite3", busy_timeout=1.0, durability="full")
+    db = await Database.open(
+        tmp_path / "seam.sqlite3", busy_timeout=1.0, durability="full", prepare=accept_any
+    )
     await db.run(lambda conn: conn.execute("CREATE TABLE t (v INTEGER)"))
     yield db
     await db.close()
@@ -72,7 +78,9 @@ async def test_sqlite_errors_become_outbox_errors(db: Database) -> None:
 
 async def test_closed_database_refuses_work(tmp_path: Path) -> None:
     """After close, work is refused with OutboxError rather than hanging or crashing."""
-    db = await Database.open(tmp_path / "closed.sqlite3", busy_timeout=1.0, durability="normal")
+    db = await Database.open(
+        tmp_path / "closed.sqlite3", busy_timeout=1.0, durability="normal", prepare=accept_any
+    )
     await db.close()
 
     with pytest.raises(OutboxError, match="closed"):
