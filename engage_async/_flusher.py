@@ -15,8 +15,10 @@ One flush works in steps until nothing is due:
 
 No answer, a 5xx or a 429 pauses every flusher on the file (the pause is stored in the
 outbox) without counting against any change. A 5xx counts against a change only when
-Engage served other calls in the same step, so one poisonous change is isolated while an
-outage is not. Rejections (400, 404, 422) dead-letter the change with Engage's reason.
+Engage took other writes in the same step (lookups answering prove nothing about writes), so
+one poisonous change is isolated while an outage is not; a change already isolated that
+fails alone counts it too, so it ends dead instead of pausing everyone for ever. Rejections
+(400, 404, 422) dead-letter the change with Engage's reason.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, NoReturn, Self
 
 import attrs
 
@@ -93,7 +95,14 @@ class _Tally:
     reconciled: int = 0
     dead: int = 0
     exported: int = 0
-    served: bool = False  # Engage answered at least one call in this step
+    # Engage took a write (applied it, or rejected it for a reason of its own) in this step.
+    # Lookups do not count: during a write outage GETs may still be answered.
+    served: bool = False
+    answered: bool = False  # Engage answered any call in this step
+    # The due backlog reached bulk_threshold: the bulk endpoints are used until it is drained,
+    # the last few changes included. Changes that become due later (released after a GUID
+    # was found) are a new backlog, judged on their own.
+    bulk: bool = False
 
     def report(self, pending: int) -> FlushReport:
         return FlushReport(
@@ -230,6 +239,8 @@ class OutboxFlusher:
         try:
             while not self._stopping:
                 wait = self.config.poll_interval
+                # Cleared before the flush, so an enqueue during it wakes the next one.
+                self._wake.clear()
                 try:
                     await self.flush_once(wait_for_batches=False)
                     await self._prune_now_and_then()
@@ -241,7 +252,6 @@ class OutboxFlusher:
                     # the rows it held were given back, so try again after a while.
                     log.exception("flush failed; retrying")
                     wait = max(wait, self.config.background_delays[0])
-                self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), wait)
         finally:
@@ -300,7 +310,7 @@ class OutboxFlusher:
                 while not self._stopping:
                     if await self._paused():
                         break
-                    tally.served = False
+                    tally.served = tally.answered = False
                     try:
                         worked = await self._step(tally)
                     except _Outage as outage:
@@ -368,20 +378,27 @@ class OutboxFlusher:
         await queue.set_pause(self._now() + delay, outage.reason, outages)
         log.warning("Engage unavailable (%s): all flushers pause %.1f s", outage.reason, delay)
 
-    async def _engage_answered(self, tally: _Tally) -> None:
-        if tally.served:
+    async def _engage_answered(self, tally: _Tally, *, write: bool) -> None:
+        if write:
+            tally.served = True
+        if tally.answered:
             return
-        tally.served = True
+        tally.answered = True
         pause = await self._ready().pause()
         if pause is not None:
             await self._ready().clear_pause()
 
     async def _next_batch_poll(self) -> float | None:
-        """Seconds until a batch in flight is due for a poll, or None if none is in flight."""
+        """Seconds until a batch in flight is due for a poll, or None if none is in flight.
+
+        A batch leased by another flusher is due when that lease runs out (if its owner died,
+        this flusher takes it over then).
+        """
 
         def work(conn: Any) -> float | None:
             row = conn.execute(
-                "SELECT min(next_poll_at) FROM batches WHERE state = 'submitted'"
+                "SELECT min(max(next_poll_at, coalesce(lease_until, 0))) FROM batches "
+                "WHERE state = 'submitted'"
             ).fetchone()
             return None if row[0] is None else float(row[0])
 
@@ -401,18 +418,26 @@ class OutboxFlusher:
         )
         if claimed:
             self._held.update(change.seq for change in claimed)
+            threshold = self.config.bulk_threshold
+            if not tally.bulk:
+                backlog = len(claimed)
+                if backlog < threshold:
+                    backlog += await queue.due_count(at_most=threshold)
+                tally.bulk = backlog >= threshold
             await self._replay(claimed, tally)
             worked = True
+        else:
+            tally.bulk = False
         return worked
 
-    async def _request(self, call: _http.Call, tally: _Tally) -> Any:
+    async def _request(self, call: _http.Call, tally: _Tally, *, write: bool = False) -> Any:
         """One background call: a single attempt with the long timeout; errors typed."""
         try:
             status, headers, body = await self._transport.send(call, self.config.request_timeout)
         except EngageUnavailable as exc:
             raise _Outage(str(exc)) from exc
         answer = _http.read_response(call, status, headers, body)
-        await self._engage_answered(tally)
+        await self._engage_answered(tally, write=write)
         return answer
 
     def _outage_for(self, exc: EngageHTTPError) -> _Outage:
@@ -434,9 +459,8 @@ class OutboxFlusher:
     async def _bury(self, failures: Mapping[int, tuple[str | None, str]], tally: _Tally) -> None:
         if not failures:
             return
-        await self._ready().bury(failures)
+        tally.dead += await self._ready().bury(failures)
         self._held.difference_update(failures)
-        tally.dead += len(failures)
         log.warning("dead-lettered %d change(s): %s", len(failures), _codes(failures))
 
     async def _release(
@@ -479,7 +503,9 @@ class OutboxFlusher:
         ]
         to_create, became_updates = await self._look_up_creates(creates, tally)
         updates += became_updates
-        if self.config.fallback_mode == "xml":
+        if self.config.fallback_mode == "xml" or self._bulk_refused:
+            # XML files are the only way writes leave: a contact-type change has no place in an
+            # import file, so it waits in the dead letters for someone to requeue it.
             await self._bury(
                 {
                     c.seq: ("NotInXml", "a contact-type change cannot be sent as an XML import")
@@ -489,11 +515,7 @@ class OutboxFlusher:
             )
             await self._export(to_create, updates, tally)
             return
-        if self._bulk_refused:
-            await self._export(to_create, updates, tally)
-            await self._send_singly(type_changes, tally)
-            return
-        small = len(claimed) < self.config.bulk_threshold or self._single_next
+        small = not tally.bulk or self._single_next
         self._single_next = False
 
         def alone(change: Change) -> bool:
@@ -516,7 +538,7 @@ class OutboxFlusher:
         try:
             data = await self._request(call, tally)
         except ContactNotFound:
-            await self._engage_answered(tally)
+            await self._engage_answered(tally, write=False)
             return None
         except (EngageServerError, RateLimited, EngageAuthError) as exc:
             raise self._outage_for(exc) from exc
@@ -604,11 +626,11 @@ class OutboxFlusher:
         server_failures: list[tuple[Change, EngageServerError]] = []
         for change in changes:
             try:
-                data = await self._request(self._single_call(change), tally)
+                data = await self._request(self._single_call(change), tally, write=True)
             except EngageServerError as exc:
                 server_failures.append((change, exc))
                 if not tally.served and len(server_failures) >= _SERVER_ERRORS_FOR_OUTAGE:
-                    raise _Outage(str(exc)) from exc
+                    await self._outage_after(server_failures, tally)
                 continue
             except (RateLimited, EngageAuthError) as exc:
                 raise self._outage_for(exc) from exc
@@ -619,7 +641,7 @@ class OutboxFlusher:
             await self._applied(change, data, tally)
         if server_failures:
             if not tally.served:
-                raise _Outage(str(server_failures[-1][1]))
+                await self._outage_after(server_failures, tally)
             await self._count_server_failures(server_failures, tally)
 
     async def _applied(self, change: Change, data: Any, tally: _Tally) -> None:
@@ -632,7 +654,7 @@ class OutboxFlusher:
 
     async def _rejected(self, change: Change, exc: EngageHTTPError, tally: _Tally) -> None:
         """Engage answered no to one change: decide between dead, waiting, and existing."""
-        await self._engage_answered(tally)
+        await self._engage_answered(tally, write=True)
         code = exc.error_code
         if change.operation is Operation.CREATE:
             if isinstance(exc, EngageConflict) and code == "ApprovedContactWithKeyExists":
@@ -654,12 +676,32 @@ class OutboxFlusher:
             return
         await self._bury({change.seq: (code or f"HTTP{exc.status}", str(exc))}, tally)
 
+    async def _outage_after(
+        self, failures: list[tuple[Change, EngageServerError]], tally: _Tally
+    ) -> NoReturn:
+        """No write was taken in this step: the 5xx mean an outage, and every flusher pauses.
+
+        Only changes already suspected of being poison (they had a 5xx while Engage took other
+        writes, and are now sent alone) count it: a lone poisonous change looks exactly like an
+        outage, and without this it would pause every flusher for ever instead of ending dead.
+        """
+        suspects = [(c, exc) for c, exc in failures if c.send_alone and c.attempts > 0]
+        await self._count_server_failures(suspects, tally)
+        raise _Outage(str(failures[-1][1]))
+
     async def _count_server_failures(
         self, failures: list[tuple[Change, EngageServerError]], tally: _Tally
     ) -> None:
-        """Engage served others in this step, so these 5xx count against their changes."""
+        """Engage took other writes, so these 5xx count against their changes.
+
+        Except a 504 ``RequestTimeOut``: Engage rolled the change back because it was slow,
+        which says nothing against the change.
+        """
         dead: dict[int, tuple[str | None, str]] = {}
         for change, exc in failures:
+            if exc.status == 504:
+                await self._release([change], delay=self.config.background_delays[0])
+                continue
             if change.attempts + 1 >= self.config.max_attempts:
                 dead[change.seq] = (exc.error_code or f"HTTP{exc.status}", str(exc))
             else:
@@ -694,6 +736,10 @@ class OutboxFlusher:
     async def _send_chunk(
         self, kind: Operation, contact_type: str | None, chunk: list[Change], tally: _Tally
     ) -> None:
+        if self._bulk_refused:  # by Engage, for an earlier chunk of this step
+            creates = chunk if kind is Operation.CREATE else []
+            await self._export(creates, [] if creates else chunk, tally)
+            return
         if kind is Operation.CREATE:
             items = [{k: v for k, v in (c.body or {}).items() if k != "contactType"} for c in chunk]
             call = _http.bulk_create(self._root, contact_type or "", _http.encode_json(items))
@@ -701,7 +747,7 @@ class OutboxFlusher:
             items = [{**(c.body or {}), "contactId": c.contact_id} for c in chunk]
             call = _http.bulk_update(self._root, _http.encode_json(items))
         try:
-            data = await self._request(call, tally)
+            data = await self._request(call, tally, write=True)
         except _Outage:
             self._single_next = True
             raise
@@ -753,8 +799,7 @@ class OutboxFlusher:
             try:
                 data = await self._request(_http.bulk_status(self._root, batch.batch_id), tally)
             except (_Outage, EngageHTTPError) as exc:
-                for later in batches[index:]:
-                    await queue.poll_later(later.batch_id, self._now(), None)
+                await queue.unlease_batches([later.batch_id for later in batches[index:]])
                 if isinstance(exc, _Outage):
                     raise
                 if exc.status == 404:
@@ -788,18 +833,18 @@ class OutboxFlusher:
         queue = self._ready()
         rows = await queue.batch_rows(batch_id)
         failed, resend = _attribute(rows, status)
-        await queue.batch_finished(batch_id, data, failed=failed, resend=resend)
+        dead = await queue.batch_finished(batch_id, data, failed=failed, resend=resend)
         applied = len(rows) - len(failed) - len(resend)
         if kind is Operation.CREATE:
             tally.created += applied
         else:
             tally.updated += applied
-        tally.dead += len(failed)
+        tally.dead += dead
         log.info(
             "batch %s finished: %d applied, %d dead, %d to send again",
             batch_id,
             applied,
-            len(failed),
+            dead,
             len(resend),
         )
 
@@ -850,9 +895,7 @@ class OutboxFlusher:
             try:
                 contact = _xmlfiles.build_contact(
                     change.seq,
-                    change.contact_type or default_type
-                    if change.operation is Operation.CREATE
-                    else default_type,
+                    change.contact_type or default_type,
                     change.body or {},
                     contact_id=change.contact_id if change.operation is Operation.UPDATE else None,
                 )
@@ -885,20 +928,22 @@ def _attribute(
 ) -> tuple[dict[int, tuple[str | None, str]], set[int]]:
     """Which rows of a finished batch failed for good, and which must be sent again.
 
-    Failures are matched to rows by position, then by contact id, then by key. Whatever
+    Failures are matched to rows by their index in the request, then by contact id, then by
+    key. Whatever
     cannot be told apart (a failure naming no row, a count above the failures listed, or a
     batch failed as a whole) is sent again, one by one: a lookup or a single call then gives a
     definitive answer.
     """
     failed: dict[int, tuple[str | None, str]] = {}
     resend: set[int] = set()
+    by_index = {r.batch_index: r for r in rows if r.batch_index is not None}
     by_id = {r.contact_id.lower(): r for r in rows if r.contact_id}
     by_key = {r.key_value.lower(): r for r in rows if r.key_value}
     unclear = status.failed_entirely and not status.failures
     for failure in status.failures:
         row = None
-        if failure.index is not None and 0 <= failure.index < len(rows):
-            row = rows[failure.index]
+        if failure.index is not None:
+            row = by_index.get(failure.index)
         if row is None and failure.contact_id:
             row = by_id.get(failure.contact_id.lower())
         if row is None and failure.key:

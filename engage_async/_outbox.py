@@ -475,8 +475,25 @@ def _identity_of(
     return identity_key(key_name, key_value, contact_type)
 
 
+def _known_type(conn: sqlite3.Connection, change: NewChange) -> str | None:
+    """The contact type an update's contact has, as far as the outbox knows: from the newest
+    create or type change queued for it (by its ref or its GUID). An XML file needs it.
+    """
+    row = conn.execute(
+        "SELECT contact_type FROM changes WHERE ((ref = ? AND ref IS NOT NULL) "
+        "OR (contact_key = ? AND state IN ('pending', 'inflight', 'waiting_guid'))) "
+        "AND operation IN ('create', 'contact_type', 'promote') AND contact_type IS NOT NULL "
+        "ORDER BY seq DESC LIMIT 1",
+        (change.ref, change.contact_key),
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
 def _insert(conn: sqlite3.Connection, change: NewChange, now: float) -> Queued:
     change_id = new_change_id()
+    contact_type = change.contact_type
+    if change.operation is Operation.UPDATE and contact_type is None:
+        contact_type = _known_type(conn, change)
     conn.execute(
         "INSERT INTO changes (change_id, operation, contact_key, contact_id, ref, contact_type,"
         " key_name, key_value, identity, body, query, lookup_first, if_exists, created_at,"
@@ -488,7 +505,7 @@ def _insert(conn: sqlite3.Connection, change: NewChange, now: float) -> Queued:
             change.contact_key,
             change.contact_id,
             change.ref,
-            change.contact_type,
+            contact_type,
             change.key_name,
             change.key_value,
             _identity_of(change.operation, change.key_name, change.key_value, change.contact_type),

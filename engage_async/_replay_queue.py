@@ -176,18 +176,20 @@ class ReplayQueue:
 
         await self.outbox.write(work)
 
-    async def bury(self, failures: Mapping[int, tuple[str | None, str]]) -> None:
+    async def bury(self, failures: Mapping[int, tuple[str | None, str]]) -> int:
         """Dead-letter rows Engage rejected for good: seq -> (error code, message).
 
         A dead create takes the changes waiting on its ref with it (they have no contact to
-        go to); requeueing the create from the admin brings them back.
+        go to); requeueing the create from the admin brings them back. Returns how many rows
+        died, those included.
         """
         now = self._clock()
 
-        def work(conn: sqlite3.Connection) -> None:
-            _bury(conn, failures, now)
+        def work(conn: sqlite3.Connection) -> int:
+            return _bury(conn, failures, now)
 
-        await self.outbox.write(work)
+        buried: int = await self.outbox.write(work)
+        return buried
 
     async def record_guid(self, seq: int, contact_id: str) -> None:
         """The create at `seq` exists on Engage as `contact_id`: finish it and free its chain."""
@@ -263,9 +265,10 @@ class ReplayQueue:
         def work(conn: sqlite3.Connection) -> list[Batch]:
             rows = conn.execute(
                 "SELECT batch_id, kind, contact_type, submitted_at, polls FROM batches "
-                "WHERE state = 'submitted' AND next_poll_at <= ? AND lease_owner IS NULL "
+                "WHERE state = 'submitted' AND next_poll_at <= ? "
+                "AND (lease_owner IS NULL OR lease_until < ?) "
                 "ORDER BY next_poll_at LIMIT ?",
-                (now, limit),
+                (now, now, limit),
             ).fetchall()
             conn.executemany(
                 "UPDATE batches SET lease_owner = ?, lease_until = ? WHERE batch_id = ?",
@@ -311,6 +314,18 @@ class ReplayQueue:
 
         await self.outbox.write(work)
 
+    async def unlease_batches(self, batch_ids: Sequence[str]) -> None:
+        """Give back batches this flusher could not poll (Engage did not answer), as they were."""
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "UPDATE batches SET lease_owner = NULL, lease_until = NULL "
+                "WHERE batch_id = ? AND lease_owner = ?",
+                [(batch_id, self.owner) for batch_id in batch_ids],
+            )
+
+        await self.outbox.write(work)
+
     async def batch_finished(
         self,
         batch_id: str,
@@ -318,21 +333,22 @@ class ReplayQueue:
         *,
         failed: Mapping[int, tuple[str | None, str]],
         resend: Iterable[int],
-    ) -> None:
-        """Settle a finished batch in one transaction.
+    ) -> int:
+        """Settle a finished batch in one transaction; how many rows died.
 
-        `failed` rows are dead-lettered; `resend` rows go back to pending (their fate could
-        not be told); of the rest, creates wait for their GUID and updates are done.
+        `failed` rows are dead-lettered (with the changes waiting on a failed create);
+        `resend` rows go back to pending (their fate could not be told); of the rest, creates
+        wait for their GUID and updates are done.
         """
         now = self._clock()
         resend = set(resend)
 
-        def work(conn: sqlite3.Connection) -> None:
+        def work(conn: sqlite3.Connection) -> int:
             rows = conn.execute(
                 "SELECT seq, operation FROM changes WHERE batch_id = ? AND state = 'inflight'",
                 (batch_id,),
             ).fetchall()
-            _bury(conn, failed, now)
+            buried = _bury(conn, failed, now)
             settled = [row for row in rows if row["seq"] not in failed]
             back = [(now, now, r["seq"]) for r in settled if r["seq"] in resend]
             rest = [r for r in settled if r["seq"] not in resend]
@@ -360,8 +376,10 @@ class ReplayQueue:
                 "lease_owner = NULL, lease_until = NULL WHERE batch_id = ?",
                 (json.dumps(status), now, batch_id),
             )
+            return buried
 
-        await self.outbox.write(work)
+        dead: int = await self.outbox.write(work)
+        return dead
 
     # --- GUID reconciliation ------------------------------------------------------------------
 
@@ -499,6 +517,21 @@ class ReplayQueue:
         result: dict[State, int] = await self.outbox.read(work)
         return result
 
+    async def due_count(self, *, at_most: int) -> int:
+        """How many pending changes are due now, counting no further than `at_most`."""
+        now = self._clock()
+
+        def work(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT count(*) FROM (SELECT 1 FROM changes WHERE state = 'pending' "
+                "AND next_attempt_at <= ? LIMIT ?)",
+                (now, at_most),
+            ).fetchone()
+            return int(row[0])
+
+        result: int = await self.outbox.read(work)
+        return result
+
     async def next_due(self) -> float | None:
         """When something next becomes due (a row, a batch poll, a GUID lookup), if ever."""
 
@@ -534,7 +567,9 @@ class ReplayQueue:
 
 def _bury(
     conn: sqlite3.Connection, failures: Mapping[int, tuple[str | None, str]], now: float
-) -> None:
+) -> int:
+    """Dead-letter `failures` and the changes waiting on a dead create; how many in all."""
+    buried = 0
     for seq, (code, message) in failures.items():
         row = conn.execute(
             "SELECT change_id, operation, contact_key, contact_id FROM changes WHERE seq = ?",
@@ -548,11 +583,14 @@ def _bury(
             "lease_owner = NULL, lease_until = NULL WHERE seq = ?",
             (code, scrub(message), now, seq),
         )
+        buried += 1
         if row["operation"] == Operation.CREATE and row["contact_id"] is None:
-            conn.execute(
+            dependents = conn.execute(
                 "UPDATE changes SET state = 'dead', error_code = 'CreateDead', last_error = ?, "
                 "updated_at = ?, lease_owner = NULL, lease_until = NULL "
                 "WHERE contact_key = ? AND seq > ? "
                 "AND state IN ('pending', 'inflight', 'waiting_guid')",
                 (f"its create {row['change_id']} is dead", now, row["contact_key"], seq),
             )
+            buried += dependents.rowcount
+    return buried

@@ -30,7 +30,8 @@ CREATE TABLE changes (
                                         -- are applied in seq order
     contact_id      TEXT,               -- the GUID, once known
     ref             TEXT,               -- the ref of the create this contact came from
-    contact_type    TEXT,               -- create: its type; contact_type: the target type
+    contact_type    TEXT,               -- create: its type; contact_type: the target type;
+                                        -- update: the contact's type when known (for XML)
     key_name        TEXT,               -- the contact's key attribute, for lookups
     key_value       TEXT,
     identity        TEXT,               -- create: its identity-map key (normalised key value),
