@@ -109,7 +109,10 @@ def _append(parent: etree._Element, name: str, value: Any, path: str) -> None:
         for index, item in enumerate(value):
             _append(child, item_name, item, f"{path}[{index}]")
     else:
-        child.text = _text(name, value)
+        try:
+            child.text = _text(name, value)
+        except ValueError as exc:  # lxml refuses control characters and NUL
+            raise XmlContentError(f"{path}: holds a character XML cannot carry") from exc
 
 
 def build_contact(
@@ -155,8 +158,13 @@ def _problems(document: etree._Element | etree._ElementTree) -> list[str]:
 
 
 def _without_values(message: str) -> str:
-    """Drop the quoted value from an lxml message: it may be personal data."""
-    return re.sub(r"'[^']*' is not", "the value is not", message)
+    """Drop the quoted value from an lxml message: it may be personal data.
+
+    The value may hold quotes itself (O'Neill), so everything up to the last "' is not" goes.
+    """
+    return re.sub(
+        r"(The value |: )'.*' is not", r"\1[value hidden] is not", message, flags=re.DOTALL
+    )
 
 
 def _document(contacts: Iterable[XmlContact]) -> etree._Element:
@@ -192,13 +200,13 @@ def write_file(
         raise XmlContentError("; ".join(problems[:5]))
     data = etree.tostring(document, xml_declaration=True, encoding="utf-8", pretty_print=True)
     directory.mkdir(parents=True, exist_ok=True)
-    stamp = (now or datetime.now(UTC)).strftime("%Y%m%d%H%M%S")
+    stamp = (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y%m%d%H%M%S")
     temporary = directory / f".{stamp}_{os.getpid()}_{id(document)}.tmp"
-    with temporary.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
     try:
+        with temporary.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
         sequence = 1
         while True:
             final = directory / f"{stamp}_{sequence}_contacts.xml"
