@@ -79,10 +79,18 @@ _PRUNE_EVERY = 3600.0
 class _Outage(Exception):
     """Engage cannot take work right now; every flusher pauses."""
 
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        retry_after: float | None = None,
+        *,
+        refused_key: EngageAuthError | None = None,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
+        # Engage refused the API key: no waiting fixes that, so flush_once says so.
+        self.refused_key = refused_key
 
 
 @attrs.define
@@ -247,6 +255,11 @@ class OutboxFlusher:
                 except OutboxError as exc:
                     log.error("outbox unavailable, retrying: %s", exc)  # noqa: TRY400
                     wait = max(wait, self.config.background_delays[0])
+                except EngageAuthError as exc:
+                    # The pause is recorded; keep running so a fixed key (or Engage's own
+                    # fix) is picked up without a restart.
+                    log.error("Engage refused the API key, pausing: %s", exc)  # noqa: TRY400
+                    wait = max(wait, self.config.background_delays[-1])
                 except Exception:
                     # A flusher running beside an app must not die quietly on one bad step;
                     # the rows it held were given back, so try again after a while.
@@ -300,6 +313,8 @@ class OutboxFlusher:
 
         Raises:
             OutboxError: the outbox cannot be read or written.
+            EngageAuthError: Engage refused the API key (every flusher pauses; nothing is
+                counted against any change).
         """
         queue = self._ready()
         tally = _Tally()
@@ -315,6 +330,8 @@ class OutboxFlusher:
                         worked = await self._step(tally)
                     except _Outage as outage:
                         await self._pause_all(outage)
+                        if outage.refused_key is not None:
+                            raise outage.refused_key from None
                         break
                     except UnexpectedResponse as exc:
                         # An answer we cannot read would be the same next second: wait as
@@ -446,7 +463,7 @@ class OutboxFlusher:
             return _Outage(str(exc), exc.retry_after)
         if isinstance(exc, EngageAuthError):
             # A configuration problem: wait long, someone has to fix the key.
-            return _Outage(str(exc), self.config.background_delays[-1])
+            return _Outage(str(exc), self.config.background_delays[-1], refused_key=exc)
         return _Outage(str(exc))
 
     # --- settling rows -------------------------------------------------------------------------

@@ -22,6 +22,8 @@ __all__ = [
     "choose_key",
     "contact_key",
     "identity_key",
+    "identity_matches",
+    "is_change_id",
     "is_ref",
     "lookup_parameter",
     "new_change_id",
@@ -38,6 +40,7 @@ LOOKUP_PARAMETERS: Final = {
 }
 
 _REF = re.compile(r"ref_[0-9a-f]{32}")
+_CHANGE_ID = re.compile(r"chg_[0-9a-f]{32}")
 _KEY_ORDER: Final = ("email", "mobilePhone", "socialSecurityNumber")
 
 
@@ -49,6 +52,11 @@ def new_ref() -> str:
 def new_change_id() -> str:
     """A fresh outbox change id."""
     return f"chg_{uuid.uuid4().hex}"
+
+
+def is_change_id(value: str) -> bool:
+    """Is `value` shaped like a change id made by `new_change_id`?"""
+    return bool(_CHANGE_ID.fullmatch(value))
 
 
 def is_ref(value: str) -> bool:
@@ -83,6 +91,16 @@ def identity_key(attribute: str, value: str, contact_type: str | None) -> str:
     """The identity-map key for a lookup of `value` by `attribute` within `contact_type`."""
     scope = contact_type.lower() if contact_type else "*"
     return f"key:{attribute}:{scope}:{_normalize(attribute, value)}"
+
+
+def identity_matches(identity: str, value: str) -> bool:
+    """Whether an identity-map key (``key:<attribute>:<type>:<value>``) is for `value`,
+    normalised as that attribute is ("ANN@Example.com" matches an email key for ann@...).
+    """
+    parts = identity.split(":", 3)
+    if len(parts) != 4 or parts[0] != "key":
+        return False
+    return _normalize(parts[1], value) == parts[3]
 
 
 def choose_key(

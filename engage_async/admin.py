@@ -18,9 +18,9 @@ from typing import Any, Self
 
 import attrs
 
-from ._changes import Change, State
+from ._changes import Change, Operation, State
 from ._errors import ChangeNotFound
-from ._keys import is_ref
+from ._keys import identity_matches, is_change_id, is_ref
 from ._outbox import Outbox
 from ._redact import mask, scrub
 
@@ -190,30 +190,29 @@ class OutboxAdmin:
     ) -> list[OutboxEntry]:
         """Changes, oldest first, optionally in one `state` and for one contact.
 
-        `key` picks a contact by GUID, ref, or key value (an email, say).
+        `key` picks a contact by GUID, ref, or key value (an email, say, in any letter case):
+        its create and every change queued for it.
         """
         if state is not None and state not in {str(s) for s in State}:
             raise ValueError(f"state: must be one of {', '.join(str(s) for s in State)}")
         if limit < 1:
             raise ValueError("limit: must be at least 1")
         outbox = await self._open()
-        clauses, params = [], []
-        if state is not None:
-            clauses.append("state = ?")
-            params.append(state)
-        if key is not None:
-            if is_ref(key):
-                clauses.append("(ref = ? OR contact_key = ?)")
-                params += [key, f"ref:{key}"]
-            elif len(key) == _GUID_LENGTH and key.count("-") == 4:
-                clauses.append("contact_id = ?")
-                params.append(key.lower())
-            else:
-                clauses.append("key_value = ?")
-                params.append(key)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
 
         def work(conn: sqlite3.Connection) -> list[Change]:
+            clauses: list[str] = []
+            params: list[Any] = []
+            if state is not None:
+                clauses.append("state = ?")
+                params.append(state)
+            if key is not None:
+                refs, contact_ids = _contact_of(conn, key)
+                clauses.append(
+                    f"(ref IN ({_marks(refs)}) OR contact_key IN ({_marks(refs)}) "
+                    f"OR contact_id IN ({_marks(contact_ids)}))"
+                )
+                params += [*refs, *(f"ref:{ref}" for ref in refs), *contact_ids]
+            where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
             rows = conn.execute(
                 f"SELECT * FROM changes {where} ORDER BY seq LIMIT ?",  # noqa: S608 - fixed clauses
                 (*params, limit),
@@ -232,7 +231,9 @@ class OutboxAdmin:
 
         change: Change | None = await outbox.read(work)
         if change is None:
-            raise ChangeNotFound(f"no change {scrub(change_id)} in {self.path}")
+            # Echo only what is shaped like a change id: a pasted email must not reach a log.
+            shown = change_id if is_change_id(change_id) else "with that id"
+            raise ChangeNotFound(f"no change {shown} in {self.path}")
         return change
 
     async def show(self, change_id: str, *, reveal: bool = False) -> OutboxEntry:
@@ -260,7 +261,7 @@ class OutboxAdmin:
 
         def work(conn: sqlite3.Connection) -> None:
             _revive(conn, change.seq, now)
-            if change.ref and change.contact_id is None:
+            if change.operation is Operation.CREATE and change.contact_id is None:
                 for (seq,) in conn.execute(
                     "SELECT seq FROM changes WHERE contact_key = ? AND state = 'dead' "
                     "AND error_code = 'CreateDead'",
@@ -279,7 +280,7 @@ class OutboxAdmin:
         def work(conn: sqlite3.Connection) -> int:
             cursor = conn.execute(
                 "UPDATE changes SET state = 'pending', next_attempt_at = ?, attempts = 0, "
-                "error_code = NULL, updated_at = ? WHERE state = 'dead'",
+                "error_code = NULL, last_error = NULL, updated_at = ? WHERE state = 'dead'",
                 (now, now),
             )
             return cursor.rowcount
@@ -311,7 +312,7 @@ class OutboxAdmin:
                 "updated_at = ? WHERE seq = ?",
                 (message, now, change.seq),
             )
-            if change.ref and change.contact_id is None:
+            if change.operation is Operation.CREATE and change.contact_id is None:
                 conn.execute(
                     "UPDATE changes SET state = 'dead', error_code = 'CreateDead', "
                     "last_error = ?, updated_at = ? WHERE contact_key = ? AND seq > ? "
@@ -338,6 +339,8 @@ class OutboxAdmin:
         changes: list[Change] = await outbox.read(work)
         target = Path(path)
         fd = os.open(target, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+        # O_CREAT's mode applies to a new file only; one that was there keeps its own.
+        os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             for change in changes:
                 record = attrs.asdict(_entry(change, reveal=True))
@@ -346,9 +349,40 @@ class OutboxAdmin:
         return len(changes)
 
 
+def _contact_of(conn: sqlite3.Connection, key: str) -> tuple[list[str], list[str]]:
+    """The refs and GUIDs the outbox knows for the contact `key` names (a ref, a GUID, or a
+    key value such as an email).
+    """
+    if is_ref(key):
+        return [key], []
+    if len(key) == _GUID_LENGTH and key.count("-") == 4:
+        return [], [key.lower()]
+    conn.create_function("ea_identity_matches", 2, identity_matches, deterministic=True)
+    creates = conn.execute(
+        "SELECT ref, contact_id FROM changes WHERE operation = 'create' "
+        "AND identity IS NOT NULL AND ea_identity_matches(identity, ?)",
+        (key,),
+    ).fetchall()
+    known = conn.execute(
+        "SELECT contact_id FROM identities WHERE key LIKE 'key:%' AND ea_identity_matches(key, ?)",
+        (key,),
+    ).fetchall()
+    refs = sorted({row["ref"] for row in creates if row["ref"]})
+    contact_ids = sorted(
+        {row["contact_id"] for row in creates if row["contact_id"]}
+        | {row["contact_id"] for row in known}
+    )
+    return refs, contact_ids
+
+
+def _marks(values: list[str]) -> str:
+    """SQL placeholders for `values` (NULL for none: IN (NULL) matches nothing)."""
+    return ", ".join("?" * len(values)) or "NULL"
+
+
 def _revive(conn: sqlite3.Connection, seq: int, now: float) -> None:
     conn.execute(
         "UPDATE changes SET state = 'pending', next_attempt_at = ?, attempts = 0, "
-        "error_code = NULL, updated_at = ? WHERE seq = ?",
+        "error_code = NULL, last_error = NULL, updated_at = ? WHERE seq = ?",
         (now, now, seq),
     )

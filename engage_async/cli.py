@@ -24,7 +24,7 @@ import attrs
 
 from . import __version__
 from ._config import EngageConfig
-from ._errors import ChangeNotFound, EngageError
+from ._errors import ChangeNotFound, EngageAuthError, EngageError
 from ._flusher import OutboxFlusher
 from ._models import FlushReport
 from ._xmlfiles import validate_file
@@ -72,27 +72,43 @@ def _parser() -> argparse.ArgumentParser:
         "--no-progress", action="store_true", help="with --once: no progress display"
     )
 
-    outbox = commands.add_parser("outbox", help="inspect and manage the outbox")
-    outbox.add_argument(
-        "--outbox", help=f"outbox file (default: $ENGAGE_OUTBOX or {_DEFAULT_OUTBOX})"
+    outbox_file = argparse.ArgumentParser(add_help=False)
+    outbox_file.add_argument(
+        "--outbox",
+        # SUPPRESS: given after the action it must not reset one given before it.
+        default=argparse.SUPPRESS,
+        help=f"outbox file (default: $ENGAGE_OUTBOX or {_DEFAULT_OUTBOX})",
+    )
+    outbox = commands.add_parser(
+        "outbox", help="inspect and manage the outbox", parents=[outbox_file]
     )
     admin = outbox.add_subparsers(dest="action", required=True, metavar="ACTION")
-    admin.add_parser("stats", help="counts per state, oldest waiting change, pause")
-    listing = admin.add_parser("list", help="list changes (personal data masked)")
+    admin.add_parser(
+        "stats", help="counts per state, oldest waiting change, pause", parents=[outbox_file]
+    )
+    listing = admin.add_parser(
+        "list", help="list changes (personal data masked)", parents=[outbox_file]
+    )
     listing.add_argument("--state", choices=("pending", "inflight", "waiting_guid", "done", "dead"))
     listing.add_argument("--limit", type=int, default=100)
     listing.add_argument("--key", help="only this contact: a GUID, a ref or a key value")
     listing.add_argument("--reveal", action="store_true", help="show personal data")
-    show = admin.add_parser("show", help="show one change with its body")
+    show = admin.add_parser("show", help="show one change with its body", parents=[outbox_file])
     show.add_argument("change_id")
     show.add_argument("--reveal", action="store_true", help="show personal data")
-    requeue = admin.add_parser("requeue", help="send a dead change again (or --all dead ones)")
+    requeue = admin.add_parser(
+        "requeue", help="send a dead change again (or --all dead ones)", parents=[outbox_file]
+    )
     requeue.add_argument("change_id", nargs="?")
     requeue.add_argument("--all", action="store_true", help="requeue every dead change")
-    discard = admin.add_parser("discard", help="give up on a change, with a reason")
+    discard = admin.add_parser(
+        "discard", help="give up on a change, with a reason", parents=[outbox_file]
+    )
     discard.add_argument("change_id")
     discard.add_argument("--reason", required=True)
-    export = admin.add_parser("export", help="write changes not yet done as JSON lines")
+    export = admin.add_parser(
+        "export", help="write changes not yet done as JSON lines", parents=[outbox_file]
+    )
     export.add_argument("path")
     validate = admin.add_parser("validate-xml", help="check XML fallback files against the XSD")
     validate.add_argument("paths", nargs="+", metavar="FILE")
@@ -132,7 +148,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (`| head`): not an error; keep Python from complaining at exit.
         sys.stdout = open(os.devnull, "w")  # noqa: PTH123, SIM115
         return 0
-    except (EngageError, ValueError) as exc:
+    except ChangeNotFound as exc:
+        print(f"engage-async: {exc}", file=sys.stderr)
+        return 1
+    except EngageAuthError as exc:
+        print(f"engage-async: {exc}; check ENGAGE_API_KEY", file=sys.stderr)
+        return 2
+    except (EngageError, ValueError, OSError) as exc:
         print(f"engage-async: {exc}", file=sys.stderr)
         return 2
 
@@ -199,7 +221,8 @@ def _describe_report(report: FlushReport) -> str:
 
 
 def _outbox_path(args: argparse.Namespace) -> Path:
-    return Path(args.outbox or os.environ.get("ENGAGE_OUTBOX") or _DEFAULT_OUTBOX)
+    given = getattr(args, "outbox", None)
+    return Path(given or os.environ.get("ENGAGE_OUTBOX") or _DEFAULT_OUTBOX)
 
 
 def _entry_line(entry: OutboxEntry) -> str:
@@ -232,11 +255,7 @@ async def _outbox(args: argparse.Namespace) -> int:
             for entry in await admin.list(args.state, args.limit, args.key, reveal=args.reveal):
                 print(_entry_line(entry))
         elif args.action == "show":
-            try:
-                entry = await admin.show(args.change_id, reveal=args.reveal)
-            except ChangeNotFound as exc:
-                print(f"engage-async: {exc}", file=sys.stderr)
-                return 1
+            entry = await admin.show(args.change_id, reveal=args.reveal)
             record = attrs.asdict(entry)
             record["created_at"] = entry.created_at.isoformat()
             print(json.dumps(record, indent=2, ensure_ascii=False))

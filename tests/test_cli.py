@@ -1,0 +1,777 @@
+"""The ``engage-async`` command line: help, demo, outbox admin, flush and simulate.
+
+Commands run in-process through `engage_async.cli.main`, in a worker thread when a FakeEngage
+in the test's event loop must keep serving meanwhile, and as real subprocesses of the console
+script where the process itself matters (signals, logging to stderr).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sqlite3
+import stat
+import sys
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiohttp
+import attrs
+import pytest
+from conftest import USER_AGENT, make_config
+
+import engage_async as ea
+from engage_async._outbox import Outbox
+from engage_async._replay_queue import ReplayQueue
+from engage_async._xmlfiles import build_contact, write_file
+from engage_async.cli import main
+from engage_async.testing import FakeEngage
+
+SCRIPT = Path(sys.executable).with_name("engage-async")
+STATES = ("pending", "inflight", "waiting_guid", "done", "dead")
+PERSON = {
+    "firstName": "Astrid",
+    "lastName": "Lindgren",
+    "email": "astrid.lindgren@example.com",
+    "mobilePhone": "+46701234567",
+    "socialSecurityNumber": "198506059738",
+    "street": "Storgatan 12",
+}
+UNKNOWN = "chg_feedfacefeedfacefeedfacefeedface"
+# Generous limits so a broken command fails the test instead of hanging it; never asserted.
+PATIENCE = 60.0
+
+
+async def cli(*argv: str | os.PathLike[str]) -> int:
+    """Run `main` in a worker thread, so this test's event loop (and FakeEngage) keeps going."""
+    return await asyncio.to_thread(main, [os.fspath(arg) for arg in argv])
+
+
+def counts(line: str) -> dict[str, int]:
+    """``sent 2, created 2, ...`` -> {"sent": 2, "created": 2, ...}."""
+    return {name: int(number) for name, number in re.findall(r"(\w+) (\d+)", line)}
+
+
+def state_counts(stdout: str) -> dict[str, int]:
+    """The per-state lines of ``outbox stats``."""
+    found = {}
+    for line in stdout.splitlines():
+        match = re.fullmatch(r"(\w+)\s+(\d+)", line)
+        if match:
+            found[match[1]] = int(match[2])
+    return found
+
+
+def clear_engage_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Remove every ENGAGE_* variable, so only what the test sets counts."""
+    for name in list(os.environ):
+        if name.startswith("ENGAGE_"):
+            monkeypatch.delenv(name)
+
+
+def engage_environment(
+    monkeypatch: pytest.MonkeyPatch, config: ea.EngageConfig, *, api_key: str | None = None
+) -> None:
+    """Point the ENGAGE_* variables at `config` (with `api_key` instead, when given)."""
+    clear_engage_environment(monkeypatch)
+    monkeypatch.setenv("ENGAGE_BASE_URL", config.base_url)
+    monkeypatch.setenv("ENGAGE_API_KEY", api_key or config.api_key)
+    monkeypatch.setenv("ENGAGE_USER_AGENT", USER_AGENT)
+    monkeypatch.setenv("ENGAGE_OUTBOX", str(config.outbox_path))
+    monkeypatch.setenv("ENGAGE_XML_DIR", str(config.xml_dir))
+    monkeypatch.setenv("ENGAGE_RATE_LIMIT", "1000")
+
+
+def free_port() -> int:
+    """A TCP port on loopback nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+# --- help and version ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["demo"],
+        ["flush"],
+        ["simulate"],
+        ["outbox"],
+        ["outbox", "stats"],
+        ["outbox", "list"],
+        ["outbox", "show"],
+        ["outbox", "requeue"],
+        ["outbox", "discard"],
+        ["outbox", "export"],
+        ["outbox", "validate-xml"],
+    ],
+    ids=lambda command: " ".join(command) or "top",
+)
+def test_help_exits_zero(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Every command answers --help with its usage and exit status 0."""
+    with pytest.raises(SystemExit) as info:
+        main([*command, "--help"])
+
+    assert 0 == info.value.code
+    assert capsys.readouterr().out.startswith("usage: engage-async")
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """--version prints the package version and exits 0."""
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+
+    assert 0 == info.value.code
+    assert f"engage-async {ea.__version__}" == capsys.readouterr().out.strip()
+
+
+def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """Without a command, the usage goes to stderr and the exit status is 2."""
+    with pytest.raises(SystemExit) as info:
+        main([])
+
+    assert 2 == info.value.code
+    assert "usage: engage-async" in capsys.readouterr().err
+
+
+# --- demo ------------------------------------------------------------------------------------
+
+
+def test_demo_quiet_prints_the_ok_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """`demo --quiet` runs the whole story against its own FakeEngage, prints only the
+    verdict, and exits 0.
+    """
+    code = main(["demo", "--quiet"])
+
+    lines = capsys.readouterr().out.splitlines()
+    assert 0 == code
+    assert 1 == len(lines)
+    assert lines[0].startswith("demo: OK")
+
+
+def test_demo_tells_the_story_without_plain_emails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`demo` prints the story (queued calls, the flush, resolved refs) with emails masked,
+    and `--keep` leaves the outbox where asked.
+    """
+    code = main(["demo", "--keep", str(tmp_path / "kept")])
+
+    out = capsys.readouterr().out
+    assert 0 == code
+    assert out.rstrip().splitlines()[-1].startswith("demo: OK")
+    assert "queued as chg_" in out
+    for email in ("astrid@example.com", "bertil@example.com", "cecilia@example.com"):
+        assert email not in out
+    assert (tmp_path / "kept" / "demo-outbox.sqlite3").is_file()
+
+
+# --- outbox admin ----------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Rows:
+    """An outbox a real session filled while Engage was down, with a dead create in it."""
+
+    path: Path
+    queued: str
+    ref: str
+    dead: str
+    dependent: str
+    done: str
+
+
+@pytest.fixture(name="rows")
+async def rows_fixture(fake: FakeEngage, config: ea.EngageConfig) -> Rows:
+    """PERSON's create queued (pending); a second create dead with the contact-type change
+    that died with it; a third create done.
+    """
+    await fake.go_down()
+    async with ea.EngageSession(config) as session:
+        queued = await session.create_contact(dict(PERSON))
+        doomed = await session.create_contact({"email": "dora@example.com", "firstName": "Dora"})
+        dependent = await session.promote_to_member(doomed.ref or "")
+        finished = await session.create_contact({"email": "elsa@example.com", "firstName": "Elsa"})
+    ids = [d.change_id for d in (queued, doomed, dependent, finished)]
+    assert all(d.queued for d in (queued, doomed, dependent, finished))
+    changes = [change_id for change_id in ids if change_id is not None]
+    assert queued.ref is not None
+    assert 4 == len(changes)
+    outbox = await Outbox.open(config.outbox_path)
+    try:
+        queue = ReplayQueue(outbox, "tests")
+
+        def seqs(conn: sqlite3.Connection) -> dict[str, int]:
+            rows = conn.execute("SELECT change_id, seq FROM changes").fetchall()
+            return {row[0]: row[1] for row in rows}
+
+        seq = await outbox.read(seqs)
+        await queue.bury({seq[changes[1]]: ("ValidationError", "422 ValidationError: email")})
+        await queue.finish([seq[changes[3]]])
+    finally:
+        await outbox.close()
+    return Rows(
+        config.outbox_path,
+        queued=changes[0],
+        ref=queued.ref,
+        dead=changes[1],
+        dependent=changes[2],
+        done=changes[3],
+    )
+
+
+async def stats_of(path: Path) -> dict[str, int]:
+    """The outbox's counts per state, through the admin."""
+    async with ea.OutboxAdmin(path) as admin:
+        return dict((await admin.stats()).by_state)
+
+
+async def test_outbox_stats(rows: Rows, capsys: pytest.CaptureFixture[str]) -> None:
+    """`outbox stats` prints the count of every state, the oldest waiting change's age and
+    the batches in flight.
+    """
+    code = await cli("outbox", "--outbox", rows.path, "stats")
+
+    out = capsys.readouterr().out
+    assert 0 == code
+    assert {"pending": 1, "inflight": 0, "waiting_guid": 0, "done": 1, "dead": 2} == (
+        state_counts(out)
+    )
+    assert re.search(r"^oldest waiting: \d+ s$", out, re.MULTILINE)
+    assert "batches in flight: 0" in out.splitlines()
+    assert "paused" not in out
+
+
+async def test_outbox_stats_reads_engage_outbox(
+    rows: Rows, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --outbox, the admin commands use $ENGAGE_OUTBOX."""
+    clear_engage_environment(monkeypatch)
+    monkeypatch.setenv("ENGAGE_OUTBOX", str(rows.path))
+
+    code = await cli("outbox", "stats")
+
+    assert 0 == code
+    assert 1 == state_counts(capsys.readouterr().out)["pending"]
+
+
+async def test_outbox_stats_shows_a_pause(rows: Rows, capsys: pytest.CaptureFixture[str]) -> None:
+    """A flushers' pause in force is printed with its end (UTC) and reason."""
+    until = time.time() + 3600
+    outbox = await Outbox.open(rows.path)
+    try:
+        await ReplayQueue(outbox, "tests").set_pause(until, "EngageUnavailable: outage", 3)
+    finally:
+        await outbox.close()
+
+    code = await cli("outbox", "--outbox", rows.path, "stats")
+
+    expected = f"paused until {datetime.fromtimestamp(until, UTC):%Y-%m-%d %H:%M:%S}Z"
+    assert 0 == code
+    assert f"{expected}: EngageUnavailable: outage" in capsys.readouterr().out.splitlines()
+
+
+async def test_outbox_stats_without_an_outbox(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The admin on a path with no outbox exits 2 with a message and creates no file."""
+    missing = tmp_path / "missing.sqlite3"
+
+    code = await cli("outbox", "--outbox", missing, "stats")
+
+    captured = capsys.readouterr()
+    assert 2 == code
+    assert "no outbox" in captured.err
+    assert "" == captured.out
+    assert [] == list(tmp_path.iterdir())
+
+
+async def test_outbox_list_masks_personal_data(
+    rows: Rows, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`outbox list` prints one line per change, oldest first, with personal data masked."""
+    code = await cli("outbox", "--outbox", rows.path, "list")
+
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert 0 == code
+    assert [rows.queued, rows.dead, rows.dependent, rows.done] == [
+        line.split()[0] for line in lines
+    ]
+    assert "email=" in lines[0]
+    for name, value in PERSON.items():
+        assert value not in out, name
+    assert "dora@example.com" not in out
+
+
+async def test_outbox_list_reveal(rows: Rows, capsys: pytest.CaptureFixture[str]) -> None:
+    """`outbox list --reveal` shows the key values in plain."""
+    code = await cli("outbox", "--outbox", rows.path, "list", "--reveal")
+
+    out = capsys.readouterr().out
+    assert 0 == code
+    assert f"email={PERSON['email']}" in out
+    assert "email=dora@example.com" in out
+
+
+async def test_outbox_list_dead_shows_why(rows: Rows, capsys: pytest.CaptureFixture[str]) -> None:
+    """`outbox list --state dead` lists the dead changes with their error code and reason."""
+    code = await cli("outbox", "--outbox", rows.path, "list", "--state", "dead")
+
+    lines = capsys.readouterr().out.splitlines()
+    assert 0 == code
+    assert [rows.dead, rows.dependent] == [line.split()[0] for line in lines]
+    assert "[ValidationError] 422 ValidationError: email" in lines[0]
+    assert "[CreateDead]" in lines[1]
+
+
+async def test_outbox_list_by_key_and_limit(rows: Rows, capsys: pytest.CaptureFixture[str]) -> None:
+    """`outbox list --key REF` lists that contact only; --limit caps the lines."""
+    assert 0 == await cli("outbox", "--outbox", rows.path, "list", "--key", rows.ref)
+    by_key = capsys.readouterr().out.splitlines()
+    assert 0 == await cli("outbox", "--outbox", rows.path, "list", "--limit", "2")
+    limited = capsys.readouterr().out.splitlines()
+
+    assert [rows.queued] == [line.split()[0] for line in by_key]
+    assert [rows.queued, rows.dead] == [line.split()[0] for line in limited]
+
+
+async def test_outbox_list_refuses_a_bad_limit(
+    rows: Rows, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A limit below 1 exits 2 with a message naming it."""
+    code = await cli("outbox", "--outbox", rows.path, "list", "--limit", "0")
+
+    assert 2 == code
+    assert "limit" in capsys.readouterr().err
+
+
+async def test_outbox_show_masks_personal_data(
+    rows: Rows, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`outbox show ID` prints the change as JSON, body included, with personal data masked."""
+    code = await cli("outbox", "--outbox", rows.path, "show", rows.queued)
+
+    out = capsys.readouterr().out
+    record = json.loads(out)
+    assert 0 == code
+    assert rows.queued == record["change_id"]
+    assert "pending" == record["state"]
+    assert set(PERSON) <= set(record["body"])
+    for name, value in PERSON.items():
+        assert value not in out, name
+
+
+async def test_outbox_show_reveal(rows: Rows, capsys: pytest.CaptureFixture[str]) -> None:
+    """`outbox show ID --reveal` prints the personal data in plain."""
+    code = await cli("outbox", "--outbox", rows.path, "show", rows.queued, "--reveal")
+
+    record = json.loads(capsys.readouterr().out)
+    assert 0 == code
+    for name, value in PERSON.items():
+        assert value == record["body"][name]
+
+
+async def test_outbox_show_unknown_change(rows: Rows, capsys: pytest.CaptureFixture[str]) -> None:
+    """`outbox show` of an unknown id exits non-zero with a message, printing nothing else."""
+    code = await cli("outbox", "--outbox", rows.path, "show", UNKNOWN)
+
+    captured = capsys.readouterr()
+    assert 0 != code
+    assert UNKNOWN in captured.err
+    assert "" == captured.out
+
+
+async def test_outbox_requeue_one(rows: Rows, capsys: pytest.CaptureFixture[str]) -> None:
+    """`outbox requeue ID` makes that dead change pending again (with what died with it)."""
+    code = await cli("outbox", "--outbox", rows.path, "requeue", rows.dead)
+
+    out = capsys.readouterr().out
+    assert 0 == code
+    assert rows.dead == out.split()[0]
+    assert "pending" == out.split()[1]
+    assert {"pending": 3, "inflight": 0, "waiting_guid": 0, "done": 1, "dead": 0} == (
+        await stats_of(rows.path)
+    )
+
+
+async def test_outbox_requeue_all(rows: Rows, capsys: pytest.CaptureFixture[str]) -> None:
+    """`outbox requeue --all` requeues every dead change and says how many."""
+    code = await cli("outbox", "--outbox", rows.path, "requeue", "--all")
+
+    assert 0 == code
+    assert "requeued 2 dead change(s)" == capsys.readouterr().out.strip()
+    assert 0 == (await stats_of(rows.path))["dead"]
+
+
+@pytest.mark.parametrize("arguments", [[], ["--all", "chg_x"]], ids=["neither", "both"])
+async def test_outbox_requeue_needs_an_id_or_all(
+    rows: Rows, arguments: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`outbox requeue` with neither an id nor --all (or with both) exits 2 and changes
+    nothing.
+    """
+    code = await cli("outbox", "--outbox", rows.path, "requeue", *arguments)
+
+    assert 2 == code
+    assert "--all" in capsys.readouterr().err
+    assert 2 == (await stats_of(rows.path))["dead"]
+
+
+async def test_outbox_requeue_of_a_done_change_fails(
+    rows: Rows, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Requeueing a done change exits 2 with a message saying it is done."""
+    code = await cli("outbox", "--outbox", rows.path, "requeue", rows.done)
+
+    assert 2 == code
+    assert "done" in capsys.readouterr().err
+
+
+async def test_outbox_discard(rows: Rows, capsys: pytest.CaptureFixture[str]) -> None:
+    """`outbox discard ID --reason R` dead-letters the change as Discarded with the reason."""
+    code = await cli(
+        "outbox", "--outbox", rows.path, "discard", rows.queued, "--reason", "duplicate signup"
+    )
+
+    out = capsys.readouterr().out
+    assert 0 == code
+    assert rows.queued == out.split()[0]
+    assert "dead" == out.split()[1]
+    assert "[Discarded] discarded: duplicate signup" in out
+    assert PERSON["email"] not in out
+    assert 3 == (await stats_of(rows.path))["dead"]
+
+
+def test_outbox_discard_needs_a_reason(capsys: pytest.CaptureFixture[str]) -> None:
+    """`outbox discard ID` without --reason is a usage error (exit 2)."""
+    with pytest.raises(SystemExit) as info:
+        main(["outbox", "discard", "chg_x"])
+
+    assert 2 == info.value.code
+    assert "--reason" in capsys.readouterr().err
+
+
+async def test_outbox_export(
+    rows: Rows, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`outbox export PATH` writes the changes not done as JSON lines (mode 0600) and says how
+    many; the personal data goes to the file, not to the terminal.
+    """
+    target = tmp_path / "export.jsonl"
+
+    code = await cli("outbox", "--outbox", rows.path, "export", target)
+
+    out = capsys.readouterr().out
+    records = [json.loads(line) for line in target.read_text().splitlines()]
+    assert 0 == code
+    assert f"exported 3 change(s) to {target}" == out.strip()
+    assert [rows.queued, rows.dead, rows.dependent] == [r["change_id"] for r in records]
+    assert PERSON["email"] == records[0]["body"]["email"]
+    assert PERSON["email"] not in out
+    assert 0o600 == stat.S_IMODE(target.stat().st_mode)
+
+
+async def test_outbox_validate_xml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`outbox validate-xml` exits 0 for a valid file, 1 when any file is invalid, and says
+    which is which.
+    """
+    valid = write_file(tmp_path, [build_contact(1, "Member", {"email": "anna@example.com"})])
+    invalid = tmp_path / "broken_contacts.xml"
+    invalid.write_text(
+        '<contacts xmlns="http://eClub.Schemas.ImportContact"><new><member>'
+        "<birthDay>1985-13-45</birthDay></member></new></contacts>"
+    )
+
+    assert 0 == await cli("outbox", "validate-xml", valid)
+    valid_out = capsys.readouterr().out
+    assert 1 == await cli("outbox", "validate-xml", invalid)
+    invalid_out = capsys.readouterr().out
+    assert 1 == await cli("outbox", "validate-xml", valid, invalid)
+    both_out = capsys.readouterr().out
+
+    assert f"{valid}: valid" == valid_out.strip()
+    assert invalid_out.startswith(f"{invalid}: INVALID")
+    assert "birthDay" in invalid_out
+    assert "1985-13-45" not in invalid_out
+    assert f"{valid}: valid" in both_out.splitlines()
+    assert f"{invalid}: INVALID" in both_out.splitlines()
+
+
+def test_outbox_validate_xml_needs_no_outbox(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """validate-xml works without any outbox or Engage configuration."""
+    clear_engage_environment(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    valid = write_file(tmp_path, [build_contact(1, "Contact", {"email": "bo@example.com"})])
+
+    assert 0 == main(["outbox", "validate-xml", str(valid)])
+    assert [valid.name] == [p.name for p in tmp_path.iterdir()]
+    capsys.readouterr()
+
+
+# --- flush -----------------------------------------------------------------------------------
+
+
+async def queue_two_creates(fake: FakeEngage, config: ea.EngageConfig) -> None:
+    """Queue two creates while Engage is down, then bring it back."""
+    await fake.go_down()
+    async with ea.EngageSession(config) as session:
+        for email in ("anna@example.com", "bo@example.com"):
+            delivery = await session.create_contact({"email": email, "firstName": "Anna"})
+            assert delivery.queued
+    await fake.come_up()
+
+
+async def test_flush_once_drains_the_outbox(
+    fake: FakeEngage,
+    config: ea.EngageConfig,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`flush --once`, configured by ENGAGE_* variables, sends what is queued and prints the
+    counts.
+    """
+    await queue_two_creates(fake, config)
+    engage_environment(monkeypatch, config)
+
+    code = await cli("flush", "--once", "--no-progress")
+
+    report = counts(capsys.readouterr().out)
+    assert 0 == code
+    assert {"sent", "created", "updated", "reconciled", "dead", "exported", "pending"} == set(
+        report
+    )
+    assert (2, 2, 0, 0) == (report["sent"], report["created"], report["dead"], report["pending"])
+    assert 1 == len(fake.find("email", "anna@example.com"))
+    assert 1 == len(fake.find("email", "bo@example.com"))
+    assert 2 == (await stats_of(config.outbox_path))["done"]
+
+
+async def test_flush_once_flags_override_the_environment(
+    fake: FakeEngage,
+    config: ea.EngageConfig,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--outbox and --base-url win over ENGAGE_OUTBOX and ENGAGE_BASE_URL."""
+    await queue_two_creates(fake, config)
+    engage_environment(monkeypatch, config)
+    monkeypatch.setenv("ENGAGE_OUTBOX", str(config.outbox_path.with_name("elsewhere.sqlite3")))
+    monkeypatch.setenv("ENGAGE_BASE_URL", "https://tenant.example.invalid")
+
+    code = await cli(
+        "flush", "--once", "--no-progress", "--outbox", config.outbox_path, "--base-url", fake.url
+    )
+
+    assert 0 == code
+    assert 0 == counts(capsys.readouterr().out)["pending"]
+    assert not config.outbox_path.with_name("elsewhere.sqlite3").exists()
+
+
+def test_flush_without_api_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing ENGAGE_API_KEY exits 2 with a message naming the variable, before any
+    outbox is made.
+    """
+    clear_engage_environment(monkeypatch)
+    monkeypatch.setenv("ENGAGE_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("ENGAGE_USER_AGENT", USER_AGENT)
+    monkeypatch.setenv("ENGAGE_OUTBOX", str(tmp_path / "outbox.sqlite3"))
+
+    code = main(["flush", "--once"])
+
+    captured = capsys.readouterr()
+    assert 2 == code
+    assert "ENGAGE_API_KEY" in captured.err
+    assert "" == captured.out
+    assert [] == list(tmp_path.iterdir())
+
+
+SECRET = "s3cr3t-Key-never-printed"
+WRONG_SECRET = "wr0ng-Key-never-printed-either"
+
+
+@pytest.fixture(name="secret_fake")
+async def secret_fake_fixture() -> AsyncIterator[FakeEngage]:
+    """A FakeEngage that only takes SECRET."""
+    async with FakeEngage(api_key=SECRET, rate_limit=None) as fake:
+        yield fake
+
+
+@pytest.mark.parametrize("key", [SECRET, WRONG_SECRET, f"{SECRET} with spaces"])
+async def test_flush_never_prints_the_api_key(
+    secret_fake: FakeEngage,
+    tmp_path: Path,
+    key: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Whether the key is right, wrong or malformed, it appears in no output nor log line."""
+    caplog.set_level(logging.DEBUG)
+    config = make_config(secret_fake.url, SECRET, tmp_path)
+    await queue_two_creates(secret_fake, config)
+    engage_environment(monkeypatch, config, api_key=key)
+
+    code = await cli("--log-level", "DEBUG", "flush", "--once")
+
+    captured = capsys.readouterr()
+    said = captured.out + captured.err + caplog.text
+    if key == SECRET:
+        assert 0 == code
+    for secret in (SECRET, WRONG_SECRET, "s3cr3t", "wr0ng"):
+        assert secret not in said
+
+
+async def test_flush_once_with_a_refused_api_key_fails(
+    secret_fake: FakeEngage,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A key Engage refuses (401) is a configuration problem: `flush --once` exits non-zero
+    and says so on stderr, instead of reporting a normal run with everything still pending.
+    """
+    config = make_config(secret_fake.url, SECRET, tmp_path)
+    await queue_two_creates(secret_fake, config)
+    engage_environment(monkeypatch, config, api_key=WRONG_SECRET)
+
+    code = await cli("flush", "--once", "--no-progress")
+
+    captured = capsys.readouterr()
+    assert 0 != code
+    assert "401" in captured.err
+    assert WRONG_SECRET not in captured.out + captured.err
+
+
+async def test_flush_subprocess_never_prints_the_api_key(
+    secret_fake: FakeEngage, tmp_path: Path
+) -> None:
+    """The console script, logging at DEBUG to stderr, drains the outbox without printing
+    the key.
+    """
+    config = make_config(secret_fake.url, SECRET, tmp_path)
+    await queue_two_creates(secret_fake, config)
+    env = {name: value for name, value in os.environ.items() if not name.startswith("ENGAGE_")}
+    env |= {
+        "ENGAGE_BASE_URL": secret_fake.url,
+        "ENGAGE_API_KEY": SECRET,
+        "ENGAGE_USER_AGENT": USER_AGENT,
+        "ENGAGE_OUTBOX": str(config.outbox_path),
+        "ENGAGE_RATE_LIMIT": "1000",
+    }
+    process = await asyncio.create_subprocess_exec(
+        SCRIPT,
+        "--log-level",
+        "DEBUG",
+        "flush",
+        "--once",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(PATIENCE):
+            out, err = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+    assert 0 == process.returncode, err.decode()
+    assert 0 == counts(out.decode().strip().splitlines()[-1])["pending"]
+    assert SECRET.encode() not in out + err
+    assert 2 == len(secret_fake.contacts)
+
+
+# --- simulate --------------------------------------------------------------------------------
+
+
+async def post_contact(url: str, key: str, body: dict[str, str]) -> tuple[int, dict[str, object]]:
+    """POST a create to the simulator at `url` the way Engage wants it."""
+    headers = {"apikey": key, "User-Agent": USER_AGENT, "Content-Type": "application/json"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{url}/api/v3/contacts", json=body, headers=headers) as response,
+    ):
+        return response.status, await response.json()
+
+
+async def stop(process: asyncio.subprocess.Process) -> tuple[bytes, bytes]:
+    """SIGTERM the process and collect the rest of its output."""
+    process.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(PATIENCE):
+        return await process.communicate()
+
+
+async def start_simulator(*arguments: str) -> tuple[asyncio.subprocess.Process, str, str]:
+    """Start `engage-async simulate` and read its URL and key from its first line."""
+    process = await asyncio.create_subprocess_exec(
+        SCRIPT,
+        "simulate",
+        *arguments,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    try:
+        async with asyncio.timeout(PATIENCE):
+            first = (await process.stdout.readline()).decode()
+    except BaseException:
+        process.kill()
+        await process.communicate()
+        raise
+    match = re.fullmatch(r"FakeEngage listening on (\S+) \(api key: (\S+)\)\n", first)
+    if match is None:
+        process.kill()
+        _, err = await process.communicate()
+        pytest.fail(f"unexpected first line {first!r}; stderr: {err.decode()}")
+    return process, match[1], match[2]
+
+
+async def test_simulate_serves_fake_engage() -> None:
+    """`simulate --port N` serves FakeEngage on that port with the printed key, and exits 0
+    on SIGTERM.
+    """
+    port = free_port()
+    process, url, key = await start_simulator("--port", str(port))
+    try:
+        status, contact = await post_contact(url, key, {"email": "sim@example.com"})
+        refused, _ = await post_contact(url, "not-the-key", {"email": "other@example.com"})
+    finally:
+        out, err = await stop(process)
+
+    assert f"http://127.0.0.1:{port}" == url
+    assert "fake-api-key" == key
+    assert 201 == status
+    assert re.fullmatch(r"[0-9a-f-]{36}", str(contact["id"]))
+    assert 401 == refused
+    assert 0 == process.returncode, err.decode()
+    assert b"Ctrl+C" in out
+
+
+async def test_simulate_takes_the_api_key_flag() -> None:
+    """`simulate --api-key K` accepts K (and prints it: it is the simulator's, not Engage's)."""
+    process, url, key = await start_simulator("--port", "0", "--api-key", "my-test-key")
+    try:
+        status, _ = await post_contact(url, "my-test-key", {"email": "sim@example.com"})
+    finally:
+        await stop(process)
+
+    assert "my-test-key" == key
+    assert 201 == status
+    assert 0 == process.returncode
