@@ -168,7 +168,10 @@ class EngageSession:
     async def _attempt(self, call: _http.Call, until: float) -> Any:
         remaining = until - asyncio.get_running_loop().time()
         if remaining <= 0:
-            raise EngageTimeout(f"{call.target}: the interactive deadline has passed")
+            raise EngageTimeout(
+                f"{call.target}: not sent, the interactive deadline has passed",
+                request_sent=False,
+            )
         if not self._breaker.allow():
             raise CircuitOpen(
                 f"{call.target}: not sent, Engage failed {self._breaker.threshold} times in a "
@@ -461,6 +464,7 @@ class EngageSession:
     async def _create_now(self, create: _Create) -> Delivery:
         until = self._deadline(_NETWORK_SHARE)
         checked = False  # True once Engage said the key is free and nothing we sent applied
+        maybe_applied = False  # a POST went out and its fate is unknown
         try:
             existing = await self._lookup_key(create, until)
             if existing is not None:
@@ -492,13 +496,13 @@ class EngageSession:
                         # Engage documents this one as rolled back: nothing was created.
                         await self._pause(next(delays), until)
                         continue
-                    checked = False
+                    checked, maybe_applied = False, True
                     raise
                 except EngageUnavailable as exc:
                     if not exc.request_sent:
                         await self._pause(next(delays), until)
                         continue
-                    checked = False
+                    checked, maybe_applied = False, True
                     raise
                 except RateLimited as exc:
                     await self._pause(max(next(delays), exc.retry_after or 0.0), until)
@@ -506,7 +510,7 @@ class EngageSession:
                 return await self._created(create, data)
             raise EngageUnavailable(f"POST {self._root}/contacts: no attempt succeeded")
         except (EngageUnavailable, RateLimited) as exc:
-            if not checked:
+            if maybe_applied:
                 # The create may have been applied: one more look before queueing it.
                 with contextlib.suppress(EngageError):
                     found = await self._lookup_key(create, until)
@@ -517,7 +521,9 @@ class EngageSession:
     async def _pause(self, wait: float, until: float) -> None:
         """Sleep before another attempt, or give up now if that would pass the deadline."""
         if asyncio.get_running_loop().time() + wait >= until:
-            raise EngageTimeout("the interactive deadline does not leave time for a retry")
+            raise EngageTimeout(
+                "the interactive deadline does not leave time for a retry", request_sent=False
+            )
         await asyncio.sleep(wait)
 
     async def _lookup_key(self, create: _Create, until: float) -> str | None:

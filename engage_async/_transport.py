@@ -75,6 +75,13 @@ class Transport:
                 f"left no room within {timeout:.2f} s",
                 request_sent=False,
             ) from None
+        try:
+            return await self._send_admitted(call, deadline, timeout)
+        finally:
+            self._limiter.release()
+
+    async def _send_admitted(self, call: Call, deadline: float, timeout: float) -> Answer:
+        assert self._http is not None
         headers = {**self._headers, **dict(call.headers)} if call.headers else self._headers
         url = URL(self._base + call.url_suffix(), encoded=True)
         try:

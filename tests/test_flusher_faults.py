@@ -179,7 +179,7 @@ async def test_an_outage_pauses_every_flusher_without_counting_attempts(
     fake: FakeEngage, tmp_path: Path, how: str
 ) -> None:
     """No answer, a 5xx, a timeout, a 429 or a 401 (a key to fix) gives the rows back untouched
-    and pauses all.
+    and pauses all. A 401 is also raised from flush_once: no waiting fixes a refused key.
 
     Attempts stay 0, the pause is in the outbox's control table (at least Retry-After long),
     a second flusher on the file sends nothing while it lasts; afterwards everything is
@@ -196,8 +196,12 @@ async def test_an_outage_pauses_every_flusher_without_counting_attempts(
         await _break(fake, how)
         started = time.time()
         async with ea.OutboxFlusher(config) as first:
-            report = await first.flush_once()
-        assert (0, 0, 0, 4) == (report.sent, report.updated, report.dead, report.pending)
+            if how == "401":
+                with pytest.raises(ea.EngageAuthError):
+                    await first.flush_once()
+            else:
+                report = await first.flush_once()
+                assert (0, 0, 0, 4) == (report.sent, report.updated, report.dead, report.pending)
         rows = changes(config)
         assert [("pending", 0)] * 4 == [(row["state"], row["attempts"]) for row in rows]
         assert all(row["lease_owner"] is None for row in rows)

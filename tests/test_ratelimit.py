@@ -64,6 +64,12 @@ def limiter(rate: float, time: FakeTime | HeldSleep) -> RateLimiter:
     return RateLimiter(rate, clock=time.clock, sleep=time.sleep)
 
 
+async def through(limit: RateLimiter) -> None:
+    """One call that takes no time: admitted, then over at once."""
+    await limit.acquire()
+    limit.release()
+
+
 def most_in_any_window(times: list[float], window: float = 1.0) -> int:
     """The largest number of `times` inside any half-open window of `window` seconds."""
     ordered = sorted(times)
@@ -78,7 +84,7 @@ async def admit_all(rate: float, time: FakeTime, count: int) -> list[float]:
     admitted: list[float] = [math.nan] * count
 
     async def one(i: int) -> None:
-        await limit.acquire()
+        await through(limit)
         admitted[i] = time.now
 
     async with asyncio.TaskGroup() as group:
@@ -126,12 +132,12 @@ async def test_idle_time_is_not_banked(time: FakeTime) -> None:
     limit = limiter(3, time)
     admitted: list[float] = []
     for _ in range(3):
-        await limit.acquire()
+        await through(limit)
         admitted.append(time.now)
     time.now = 100.0
 
     for _ in range(9):
-        await limit.acquire()
+        await through(limit)
         admitted.append(time.now)
 
     assert 3 == most_in_any_window(admitted)
@@ -140,12 +146,12 @@ async def test_idle_time_is_not_banked(time: FakeTime) -> None:
 async def test_sleeps_only_as_long_as_needed(time: FakeTime) -> None:
     """A caller over the limit sleeps until the oldest admission leaves the window, no longer."""
     limit = limiter(2, time)
-    await limit.acquire()
+    await through(limit)
     time.now = 0.4
-    await limit.acquire()
+    await through(limit)
     time.now = 0.5
 
-    await limit.acquire()
+    await through(limit)
 
     assert [pytest.approx(limit.window - 0.5)] == time.sleeps
 
@@ -156,7 +162,7 @@ async def test_waiters_are_admitted_first_come_first_served(time: FakeTime) -> N
     order: list[int] = []
 
     async def one(i: int) -> None:
-        await limit.acquire()
+        await through(limit)
         order.append(i)
 
     async with asyncio.TaskGroup() as group:
@@ -179,7 +185,7 @@ async def test_a_newcomer_does_not_overtake_a_waiter() -> None:
     order: list[str] = []
 
     async def one(name: str) -> None:
-        await limit.acquire()
+        await through(limit)
         order.append(name)
 
     await one("a")
@@ -207,7 +213,7 @@ async def test_cancelled_waiter_does_not_block_others() -> None:
     """A waiter that is cancelled gives up its place; later callers still get in."""
     held = HeldSleep()
     limit = limiter(1, held)
-    await limit.acquire()
+    await through(limit)
     cancelled = asyncio.create_task(limit.acquire())
     await asyncio.sleep(0)
     cancelled.cancel()
@@ -216,6 +222,48 @@ async def test_cancelled_waiter_does_not_block_others() -> None:
     held.pending.clear()
     held.now = 10.0
 
-    await limit.acquire()
+    await through(limit)
 
     assert 10.0 == held.now
+
+
+async def test_a_slot_is_free_one_window_after_its_call_ends(time: FakeTime) -> None:
+    """The window counts from the end of a call, not its admission: Engage sees a request
+    some time after we admit it (a slow handshake), never after its answer came back.
+    """
+    limit = limiter(2, time)
+    await limit.acquire()
+    await limit.acquire()
+    time.now = 0.7  # both calls were slow; they end now
+    limit.release()
+    limit.release()
+
+    await limit.acquire()
+
+    assert 0.7 + limit.window == pytest.approx(time.now)
+
+
+async def test_no_more_than_capacity_calls_in_flight() -> None:
+    """With every slot held by an unfinished call, the next caller waits for a release, even
+    long after the window has passed.
+    """
+    clock = FakeTime()
+    limit = limiter(2, clock)
+    await limit.acquire()
+    await limit.acquire()
+    clock.now = 60.0
+    third = asyncio.create_task(limit.acquire())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not third.done()
+
+    limit.release()
+    await asyncio.wait_for(third, 1)
+
+    assert 2 == limit.in_use
+
+
+def test_release_without_acquire_is_an_error() -> None:
+    """More releases than acquires is a bug in the caller, said at once."""
+    with pytest.raises(RuntimeError, match="acquire"):
+        RateLimiter(3).release()
