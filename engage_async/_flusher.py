@@ -39,7 +39,7 @@ from typing import Any, Literal, NoReturn, Self
 import attrs
 
 from . import _http, _xmlfiles
-from ._changes import Change, Operation, State
+from ._changes import Change, Operation
 from ._config import EngageConfig
 from ._errors import (
     ContactNotFound,
@@ -356,8 +356,7 @@ class OutboxFlusher:
         return tally.report(await self._pending())
 
     async def _pending(self) -> int:
-        counts = await self._ready().counts()
-        return counts[State.PENDING] + counts[State.INFLIGHT] + counts[State.WAITING_GUID]
+        return await self._ready().unfinished_count()
 
     async def _keep_leases(self) -> None:
         queue = self._ready()
@@ -848,10 +847,12 @@ class OutboxFlusher:
         tally: _Tally,
     ) -> None:
         queue = self._ready()
-        rows = await queue.batch_rows(batch_id)
-        failed, resend = _attribute(rows, status)
-        dead = await queue.batch_finished(batch_id, data, failed=failed, resend=resend)
-        applied = len(rows) - len(failed) - len(resend)
+        failed: dict[int, tuple[str | None, str]] = {}
+        resend: set[int] = set()
+        if status.failures or status.failed_entirely or status.failed_count:
+            # Only a batch with failures needs its rows read back, to tell which failed.
+            failed, resend = _attribute(await queue.batch_rows(batch_id), status)
+        applied, dead = await queue.batch_finished(batch_id, data, failed=failed, resend=resend)
         if kind is Operation.CREATE:
             tally.created += applied
         else:

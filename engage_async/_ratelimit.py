@@ -45,9 +45,9 @@ class RateLimiter:
         # the rate; above, floor(rate) per second does.
         self.capacity = max(1, math.floor(rate))
         self.window = (1.0 if rate >= 1 else 1.0 / rate) + _SLACK
-        # When each free slot was last given back, oldest first; slots never used are free
-        # since forever. Slots in use are not here.
-        self._free: deque[float] = deque([-math.inf] * self.capacity)
+        self._never_used = self.capacity
+        # When each slot used before was given back, oldest first. Slots in use are not here.
+        self._free: deque[float] = deque()
         self._clock = clock
         self._sleep = sleep
         self._lock = asyncio.Lock()
@@ -56,12 +56,15 @@ class RateLimiter:
     @property
     def in_use(self) -> int:
         """How many admitted calls have not been released yet."""
-        return self.capacity - len(self._free)
+        return self.capacity - self._never_used - len(self._free)
 
     def _try_admit(self) -> float | None:
         """Take a slot and return 0, return how long to wait for the oldest free slot, or
         None when every slot is in use.
         """
+        if self._never_used:
+            self._never_used -= 1
+            return 0.0
         if not self._free:
             return None
         wait = self._free[0] + self.window - self._clock()
@@ -85,7 +88,7 @@ class RateLimiter:
 
     def release(self) -> None:
         """The call is over (answered or failed): its slot is free one window from now."""
-        if len(self._free) >= self.capacity:
+        if self.in_use <= 0:
             raise RuntimeError("release() without a matching acquire()")
         self._free.append(self._clock())
         self._slot_returned.set()

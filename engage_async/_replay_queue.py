@@ -93,11 +93,11 @@ class ReplayQueue:
                 (now, limit),
             ).fetchall()
             claimed = [Change.from_row(row) for row in rows]
-            conn.executemany(
+            conn.execute(
                 "UPDATE changes SET state = 'inflight', lease_owner = ?, lease_until = ?, "
                 "updated_at = ?, lookup_first = CASE WHEN operation = 'create' THEN 1 "
-                "ELSE lookup_first END WHERE seq = ?",
-                [(self.owner, until, now, change.seq) for change in claimed],
+                "ELSE lookup_first END WHERE seq IN (SELECT value FROM json_each(?))",
+                (self.owner, until, now, _seq_list(change.seq for change in claimed)),
             )
             return claimed
 
@@ -165,12 +165,13 @@ class ReplayQueue:
     async def finish(self, seqs: Iterable[int]) -> None:
         """Rows Engage applied: done."""
         now = self._clock()
-        params = [(now, now, seq) for seq in seqs]
+        params = (now, now, _seq_list(seqs))
 
         def work(conn: sqlite3.Connection) -> None:
-            conn.executemany(
+            conn.execute(
                 "UPDATE changes SET state = 'done', done_at = ?, updated_at = ?, "
-                "lease_owner = NULL, lease_until = NULL WHERE seq = ?",
+                "lease_owner = NULL, lease_until = NULL "
+                "WHERE seq IN (SELECT value FROM json_each(?))",
                 params,
             )
 
@@ -333,53 +334,48 @@ class ReplayQueue:
         *,
         failed: Mapping[int, tuple[str | None, str]],
         resend: Iterable[int],
-    ) -> int:
-        """Settle a finished batch in one transaction; how many rows died.
+    ) -> tuple[int, int]:
+        """Settle a finished batch in one transaction; (rows applied, rows dead).
 
         `failed` rows are dead-lettered (with the changes waiting on a failed create);
         `resend` rows go back to pending (their fate could not be told); of the rest, creates
         wait for their GUID and updates are done.
         """
         now = self._clock()
-        resend = set(resend)
+        resend_list = _seq_list(resend)
 
-        def work(conn: sqlite3.Connection) -> int:
-            rows = conn.execute(
-                "SELECT seq, operation FROM changes WHERE batch_id = ? AND state = 'inflight'",
-                (batch_id,),
-            ).fetchall()
+        def work(conn: sqlite3.Connection) -> tuple[int, int]:
+            # Each step takes its rows out of the batch (batch_id NULL), so the next ones
+            # only see what is left.
             buried = _bury(conn, failed, now)
-            settled = [row for row in rows if row["seq"] not in failed]
-            back = [(now, now, r["seq"]) for r in settled if r["seq"] in resend]
-            rest = [r for r in settled if r["seq"] not in resend]
-            created = [(now, now, r["seq"]) for r in rest if r["operation"] == Operation.CREATE]
-            applied = [(now, now, r["seq"]) for r in rest if r["operation"] != Operation.CREATE]
-            conn.executemany(
+            conn.execute(
                 "UPDATE changes SET state = 'pending', send_alone = 1, next_attempt_at = ?, "
                 "updated_at = ?, batch_id = NULL, lease_owner = NULL, lease_until = NULL "
-                "WHERE seq = ?",
-                back,
+                "WHERE batch_id = ? AND state = 'inflight' "
+                "AND seq IN (SELECT value FROM json_each(?))",
+                (now, now, batch_id, resend_list),
             )
-            conn.executemany(
+            created = conn.execute(
                 "UPDATE changes SET state = 'waiting_guid', next_attempt_at = ?, "
                 "updated_at = ?, batch_id = NULL, lease_owner = NULL, lease_until = NULL "
-                "WHERE seq = ?",
-                created,
-            )
-            conn.executemany(
+                "WHERE batch_id = ? AND state = 'inflight' AND operation = 'create'",
+                (now, now, batch_id),
+            ).rowcount
+            updated = conn.execute(
                 "UPDATE changes SET state = 'done', done_at = ?, updated_at = ?, "
-                "batch_id = NULL, lease_owner = NULL, lease_until = NULL WHERE seq = ?",
-                applied,
-            )
+                "batch_id = NULL, lease_owner = NULL, lease_until = NULL "
+                "WHERE batch_id = ? AND state = 'inflight'",
+                (now, now, batch_id),
+            ).rowcount
             conn.execute(
                 "UPDATE batches SET state = 'finished', status = ?, finished_at = ?, "
                 "lease_owner = NULL, lease_until = NULL WHERE batch_id = ?",
                 (json.dumps(status), now, batch_id),
             )
-            return buried
+            return created + updated, buried
 
-        dead: int = await self.outbox.write(work)
-        return dead
+        outcome: tuple[int, int] = await self.outbox.write(work)
+        return outcome
 
     # --- GUID reconciliation ------------------------------------------------------------------
 
@@ -517,6 +513,21 @@ class ReplayQueue:
         result: dict[State, int] = await self.outbox.read(work)
         return result
 
+    async def unfinished_count(self) -> int:
+        """How many changes are pending, in flight or waiting for a GUID."""
+
+        def work(conn: sqlite3.Connection) -> int:
+            # One count per state, each answered from that state's partial index.
+            row = conn.execute(
+                "SELECT (SELECT count(*) FROM changes WHERE state = 'pending') "
+                "+ (SELECT count(*) FROM changes WHERE state = 'inflight') "
+                "+ (SELECT count(*) FROM changes WHERE state = 'waiting_guid')"
+            ).fetchone()
+            return int(row[0])
+
+        result: int = await self.outbox.read(work)
+        return result
+
     async def due_count(self, *, at_most: int) -> int:
         """How many pending changes are due now, counting no further than `at_most`."""
         now = self._clock()
@@ -563,6 +574,13 @@ class ReplayQueue:
 
         result: int = await self.outbox.write(work)
         return result
+
+
+def _seq_list(seqs: Iterable[int]) -> str:
+    """Seqs as one JSON array parameter, read with ``seq IN (SELECT value FROM json_each(?))``:
+    one statement for a whole batch instead of one per row, half the time.
+    """
+    return json.dumps(list(seqs))
 
 
 def _bury(

@@ -64,7 +64,6 @@ CREATE INDEX changes_active_by_contact ON changes (contact_key, seq)
 CREATE INDEX changes_pending ON changes (seq) WHERE state = 'pending';
 CREATE INDEX changes_inflight ON changes (lease_until) WHERE state = 'inflight';
 CREATE INDEX changes_waiting ON changes (next_attempt_at) WHERE state = 'waiting_guid';
-CREATE INDEX changes_by_state ON changes (state, seq);
 CREATE INDEX changes_by_batch ON changes (batch_id) WHERE batch_id IS NOT NULL;
 CREATE INDEX changes_by_ref ON changes (ref) WHERE ref IS NOT NULL;
 CREATE INDEX changes_queued_creates ON changes (identity)

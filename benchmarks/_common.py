@@ -1,0 +1,118 @@
+"""Helpers shared by the benchmark scripts: configs, percentiles, RSS and a plain table.
+
+Benchmarks print figures and ratios against a baseline measured in the same run; they never
+assert on time. Each script runs on its own: ``python benchmarks/<name>.py --help``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import engage_async as ea
+
+USER_AGENT = "EngageAsyncBench/1.0"
+# A realistic small update body: what a shop's "edit my profile" page would send.
+UPDATE_BODY: dict[str, Any] = {
+    "firstName": "Anna",
+    "lastName": "Svensson",
+    "city": "Göteborg",
+    "preferences": {"acceptsEmail": True, "acceptsSms": False},
+}
+
+
+def make_config(base_url: str, api_key: str, directory: Path, **overrides: Any) -> ea.EngageConfig:
+    """A config on `base_url` with its outbox in `directory`; no client-side throttling."""
+    values: dict[str, Any] = {
+        "base_url": base_url,
+        "api_key": api_key,
+        "user_agent": USER_AGENT,
+        "outbox_path": directory / "outbox.sqlite3",
+        "xml_dir": directory / "xml",
+        "rate_limit": 1e6,
+        "identity_ttl": 0.0,
+    }
+    values.update(overrides)
+    return ea.EngageConfig(**values)
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """The nearest-rank percentile of `values` (0 < fraction <= 1)."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(fraction * len(ordered)))
+    return ordered[rank - 1]
+
+
+def rss_mb() -> float:
+    """The current resident set size of this process, from /proc (0 where there is none)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def max_rss_mb() -> float:
+    """The peak resident set size so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def fsync_probe(directory: Path, writes: int = 200) -> float:
+    """Median seconds of a 4 KiB write + fsync in `directory`: how fast this disk commits.
+
+    Printed beside the figures, since every durable commit waits for one (or more).
+    """
+    path = directory / "fsync-probe"
+    times = []
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+    try:
+        for _ in range(writes):
+            start = time.perf_counter()
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+            times.append(time.perf_counter() - start)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return statistics.median(times)
+
+
+def machine() -> str:
+    """One line about where the figures come from."""
+    return (
+        f"python {platform.python_version()} on {platform.system()} {platform.machine()}, "
+        f"{os.cpu_count()} cpu(s), engage-async {ea.__version__}"
+    )
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """Print rows under headers, columns padded; the first column left-aligned."""
+    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+
+    def line(row: Sequence[str]) -> str:
+        parts = [
+            cell.ljust(width) if i == 0 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        return "  ".join(parts).rstrip()
+
+    print(line(cells[0]))
+    print("  ".join("-" * width for width in widths))
+    for row in cells[1:]:
+        print(line(row))
+
+
+def verdict(met: bool) -> str:
+    return "met" if met else "MISSED"
