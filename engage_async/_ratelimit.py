@@ -73,6 +73,12 @@ class RateLimiter:
             return 0.0
         return wait
 
+    def try_acquire(self) -> bool:
+        """Take a slot now if one is free and nobody is waiting; never waits."""
+        if self._lock.locked():
+            return False  # someone is waiting: first come, first in
+        return self._try_admit() == 0
+
     async def acquire(self) -> None:
         """Wait until a call fits in the window, then take its slot (first come, first in)."""
         # Always through the lock: a shortcut around it would let a newcomer take the slot a

@@ -66,9 +66,11 @@ class Transport:
             raise RuntimeError("the transport is not open")
         deadline = asyncio.get_running_loop().time() + timeout
         try:
-            # Waiting for the client-side rate limit counts against the caller's time too.
-            async with asyncio.timeout_at(deadline):
-                await self._limiter.acquire()
+            # Waiting for the client-side rate limit counts against the caller's time too
+            # (the timer is only set up when there is a wait).
+            if not self._limiter.try_acquire():
+                async with asyncio.timeout_at(deadline):
+                    await self._limiter.acquire()
         except TimeoutError:
             raise EngageTimeout(
                 f"{call.target}: not sent, the rate limit ({self._limiter.capacity}/s) "

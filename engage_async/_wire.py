@@ -143,9 +143,22 @@ def _is_scalar_union(kind: Any) -> bool:
     return len(members) > 1 and members <= {str, int, float, bool}
 
 
-def make_converter() -> cattrs.Converter:
-    """Build the converter for Engage's JSON (never the global cattrs one)."""
-    conv = cattrs.Converter()
+def _is_optional(kind: Any) -> bool:
+    """``X | None`` for a single X."""
+    if typing.get_origin(kind) not in {typing.Union, types.UnionType}:
+        return False
+    args = typing.get_args(kind)
+    return len(args) == 2 and type(None) in args
+
+
+def make_converter(*, detailed_validation: bool = False) -> cattrs.Converter:
+    """Build the converter for Engage's JSON (never the global cattrs one).
+
+    Without `detailed_validation` (the default, for speed: it is most of a read's cost) an
+    error says less about where it is; `structure` then reads the answer again with a
+    detailed converter to say where.
+    """
+    conv = cattrs.Converter(detailed_validation=detailed_validation)
     conv.register_structure_hook(datetime, _parse_datetime)
     conv.register_structure_hook(date, _parse_date)
     conv.register_structure_hook(bool, _lenient_bool)
@@ -163,13 +176,26 @@ def make_converter() -> cattrs.Converter:
         def structure_tuple(value: Any, _: Any) -> tuple[Any, ...]:
             if value is None:
                 return ()
-            if isinstance(value, str | bytes | Mapping):
+            if type(value) is not list and isinstance(value, str | bytes | Mapping):
                 value = [value]
             return tuple(handler(element, item) for element in value)
 
         return structure_tuple
 
     conv.register_structure_hook_factory(_is_homogeneous_tuple, tuple_hook)
+
+    def optional_hook(kind: Any) -> Callable[[Any, Any], Any]:
+        # cattrs' own Optional handling dispatches on every value; resolving the inner hook
+        # once is a large share of a ContactOverview's reading time.
+        inner = next(a for a in typing.get_args(kind) if a is not type(None))
+        handler = conv.get_structure_hook(inner)
+
+        def structure_optional(value: Any, _: Any) -> Any:
+            return None if value is None else handler(value, inner)
+
+        return structure_optional
+
+    conv.register_structure_hook_factory(_is_optional, optional_hook)
 
     def structure_hook(cls: type) -> Callable[[Any, Any], Any]:
         fields = attrs.fields(cls)
@@ -183,7 +209,8 @@ def make_converter() -> cattrs.Converter:
         def structure_model(value: Any, kind: Any) -> Any:
             if value is None:
                 value = {}
-            if not isinstance(value, Mapping):
+            # `type(...) is dict` first: JSON gives dicts, and the ABC check costs more.
+            if type(value) is not dict and not isinstance(value, Mapping):
                 raise TypeError(f"expected a JSON object, got {type(value).__name__}")
             model = build(value, kind)
             if keeps_raw:
@@ -210,17 +237,28 @@ def make_converter() -> cattrs.Converter:
 
 
 converter: Final = make_converter()
+_detailed_converter: cattrs.Converter | None = None
 
 
 def structure(data: Any, kind: type[T]) -> T:
     """Read Engage JSON into a model, turning cattrs' errors into `UnexpectedResponse`."""
     try:
         return converter.structure(data, kind)
+    except Exception:
+        problems = _problems_reading(data, kind)
+    raise UnexpectedResponse(f"could not read {kind.__name__} from Engage's answer: {problems}")
+
+
+def _problems_reading(data: Any, kind: type[Any]) -> str:
+    """Read `data` again with detailed validation, for a message that says where it failed."""
+    global _detailed_converter  # noqa: PLW0603 - built on the first unreadable answer only
+    if _detailed_converter is None:
+        _detailed_converter = make_converter(detailed_validation=True)
+    try:
+        _detailed_converter.structure(data, kind)
     except Exception as exc:
-        problems = "; ".join(cattrs.transform_error(exc)) if isinstance(exc, Exception) else ""
-        raise UnexpectedResponse(
-            f"could not read {kind.__name__} from Engage's answer: {problems or exc}"
-        ) from None
+        return "; ".join(cattrs.transform_error(exc)) or str(exc)
+    return "an inconsistent answer"
 
 
 def normalize_contact_id(value: object, field: str = "contact_id") -> str:

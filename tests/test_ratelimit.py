@@ -267,3 +267,26 @@ def test_release_without_acquire_is_an_error() -> None:
     """More releases than acquires is a bug in the caller, said at once."""
     with pytest.raises(RuntimeError, match="acquire"):
         RateLimiter(3).release()
+
+
+async def test_try_acquire_takes_a_free_slot_without_waiting(time: FakeTime) -> None:
+    """try_acquire takes a free slot at once, and refuses (without sleeping) when none is."""
+    limit = limiter(1, time)
+
+    assert (True, False) == (limit.try_acquire(), limit.try_acquire())
+    limit.release()
+    assert (False, []) == (limit.try_acquire(), time.sleeps)
+
+
+async def test_try_acquire_does_not_overtake_a_waiter() -> None:
+    """While a caller waits for its turn, try_acquire says no even if a slot is free by then."""
+    held = HeldSleep()
+    limit = limiter(1, held)
+    await through(limit)
+    waiter = asyncio.create_task(limit.acquire())
+    await asyncio.sleep(0)
+    held.now = 10.0  # the window has passed; the waiter has not woken yet
+
+    assert not limit.try_acquire()
+    held.release()
+    await waiter
