@@ -56,6 +56,7 @@ from ._keys import (
 )
 from ._models import Contact, ContactOverview, Delivery, PointAccount, Promotion, Transaction
 from ._outbox import Outbox
+from ._overview import read_overview
 from ._redact import scrub
 from ._retry import interactive_delays
 from ._transport import Transport
@@ -256,7 +257,7 @@ class EngageSession:
         data = await self._call(
             _http.contact_overview(self._root, identifiers), until=self._deadline()
         )
-        return structure(data, ContactOverview)
+        return read_overview(data)
 
     async def find_contact_id(
         self,

@@ -36,6 +36,7 @@ __all__ = [
     "normalize_contact_id",
     "prepare_payload",
     "structure",
+    "structure_part",
 ]
 
 T = TypeVar("T")
@@ -242,14 +243,22 @@ _detailed_converter: cattrs.Converter | None = None
 
 def structure(data: Any, kind: type[T]) -> T:
     """Read Engage JSON into a model, turning cattrs' errors into `UnexpectedResponse`."""
+    result: T = structure_part(data, kind, kind.__name__)
+    return result
+
+
+def structure_part(data: Any, kind: Any, what: str) -> Any:
+    """Read Engage JSON into `kind` (a model, a tuple of them, ...); `what` names it in the
+    `UnexpectedResponse` raised when it cannot be read.
+    """
     try:
         return converter.structure(data, kind)
     except Exception:
         problems = _problems_reading(data, kind)
-    raise UnexpectedResponse(f"could not read {kind.__name__} from Engage's answer: {problems}")
+    raise UnexpectedResponse(f"could not read {what} from Engage's answer: {problems}")
 
 
-def _problems_reading(data: Any, kind: type[Any]) -> str:
+def _problems_reading(data: Any, kind: Any) -> str:
     """Read `data` again with detailed validation, for a message that says where it failed."""
     global _detailed_converter  # noqa: PLW0603 - built on the first unreadable answer only
     if _detailed_converter is None:
