@@ -32,6 +32,7 @@ __all__ = [
     "camel",
     "contact_id_from_engage",
     "converter",
+    "is_contact_id",
     "make_converter",
     "normalize_contact_id",
     "prepare_payload",
@@ -270,6 +271,11 @@ def _problems_reading(data: Any, kind: Any) -> str:
     return "an inconsistent answer"
 
 
+def is_contact_id(value: object) -> bool:
+    """Is `value` shaped like an Engage contact id (a GUID, any letter case)?"""
+    return isinstance(value, str) and bool(_GUID.fullmatch(value))
+
+
 def normalize_contact_id(value: object, field: str = "contact_id") -> str:
     """Check that `value` is a contact GUID and return it in lower case.
 
@@ -282,7 +288,7 @@ def normalize_contact_id(value: object, field: str = "contact_id") -> str:
     """
     if not isinstance(value, str):
         raise TypeError(f"{field}: must be a str, not {type(value).__name__}")
-    if not _GUID.fullmatch(value):
+    if not is_contact_id(value):
         raise ValueError(f"{field}: not a contact id (expected a GUID such as 2e40b702-...)")
     return value.lower()
 

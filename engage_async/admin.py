@@ -23,6 +23,7 @@ from ._errors import ChangeNotFound
 from ._keys import identity_matches, is_change_id, is_ref
 from ._outbox import Outbox
 from ._redact import mask, scrub
+from ._wire import is_contact_id
 
 __all__ = ["OutboxAdmin", "OutboxEntry", "OutboxStats"]
 
@@ -30,7 +31,6 @@ __all__ = ["OutboxAdmin", "OutboxEntry", "OutboxStats"]
 _PLAIN = frozenset(
     {"contactType", "countryCode", "lang", "id", "source", "contactId", "storeExternalId"}
 )
-_GUID_LENGTH = 36
 
 
 @attrs.frozen
@@ -208,10 +208,15 @@ class OutboxAdmin:
             if key is not None:
                 refs, contact_ids = _contact_of(conn, key)
                 clauses.append(
-                    f"(ref IN ({_marks(refs)}) OR contact_key IN ({_marks(refs)}) "
-                    f"OR contact_id IN ({_marks(contact_ids)}))"
+                    "(ref IN (SELECT value FROM json_each(?)) "
+                    "OR contact_key IN (SELECT value FROM json_each(?)) "
+                    "OR contact_id IN (SELECT value FROM json_each(?)))"
                 )
-                params += [*refs, *(f"ref:{ref}" for ref in refs), *contact_ids]
+                params += [
+                    json.dumps(refs),
+                    json.dumps([f"ref:{ref}" for ref in refs]),
+                    json.dumps(contact_ids),
+                ]
             where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
             rows = conn.execute(
                 f"SELECT * FROM changes {where} ORDER BY seq LIMIT ?",  # noqa: S608 - fixed clauses
@@ -355,7 +360,7 @@ def _contact_of(conn: sqlite3.Connection, key: str) -> tuple[list[str], list[str
     """
     if is_ref(key):
         return [key], []
-    if len(key) == _GUID_LENGTH and key.count("-") == 4:
+    if is_contact_id(key):
         return [], [key.lower()]
     conn.create_function("ea_identity_matches", 2, identity_matches, deterministic=True)
     creates = conn.execute(
@@ -373,11 +378,6 @@ def _contact_of(conn: sqlite3.Connection, key: str) -> tuple[list[str], list[str
         | {row["contact_id"] for row in known}
     )
     return refs, contact_ids
-
-
-def _marks(values: list[str]) -> str:
-    """SQL placeholders for `values` (NULL for none: IN (NULL) matches nothing)."""
-    return ", ".join("?" * len(values)) or "NULL"
 
 
 def _revive(conn: sqlite3.Connection, seq: int, now: float) -> None:

@@ -618,6 +618,20 @@ async def test_duplicate_create_with_if_exists_update_merges_its_attributes(
     } == json_of(rows[0], "body")
 
 
+async def test_same_key_in_another_contact_type_is_another_contact(
+    down: FakeEngage, session: ea.EngageSession, config: ea.EngageConfig
+) -> None:
+    """A key is unique within a contact type only: a Member and a Contact with one email are
+    two creates, neither joining the other.
+    """
+    member = await session.create_contact({"email": "ann@example.com"}, contact_type="Member")
+    contact = await session.create_contact({"email": "ann@example.com"}, contact_type="Contact")
+
+    rows = outbox_rows(config.outbox_path)
+    assert [member.ref, contact.ref] == [row["ref"] for row in rows]
+    assert ["Member", "Contact"] == [row["contact_type"] for row in rows]
+
+
 async def test_creates_with_different_keys_are_two_rows(
     down: FakeEngage, session: ea.EngageSession, config: ea.EngageConfig
 ) -> None:

@@ -330,3 +330,24 @@ async def test_rate_limit_wait_counts_against_the_write_deadline(
 
     assert [False, True] == [delivery.queued for delivery in deliveries]
     assert 1 == len(fake.requests)
+
+
+async def test_failed_requests_give_their_rate_limit_slots_back(
+    fake: FakeEngage, config: ea.EngageConfig
+) -> None:
+    """A request that fails (Engage refusing connections) frees its rate-limit slot as an
+    answered one does: after more failures than the limit has slots, calls still go out.
+    """
+    guid = fake.add_contact({"email": "anna@example.com"})
+    config = attrs.evolve(
+        config, rate_limit=2.0, retry_attempts=1, breaker_threshold=100, interactive_deadline=3.0
+    )
+    async with ea.EngageSession(config) as session:
+        await fake.go_down()
+        for _ in range(3):
+            with pytest.raises(ea.EngageUnavailable):
+                await session.get_contact(guid)
+        await fake.come_up()
+        contact = await session.get_contact(guid)
+
+    assert guid == contact.id
