@@ -30,30 +30,15 @@ __all__ = ["Database"]
 
 T = TypeVar("T")
 
-_SQLITE_HEADER = b"SQLite format 3\x00"
-
 
 def _describe(exc: BaseException) -> str:
     """A short reason for an OutboxError; SQLite's messages hold no personal data."""
     return f"{type(exc).__name__}: {exc}"
 
 
-def _check_existing_file(path: Path) -> None:
-    """Refuse a file that is not SQLite before SQLite touches it (it would not overwrite it,
-    but the error would be confusing).
-    """
-    try:
-        with path.open("rb") as f:
-            header = f.read(len(_SQLITE_HEADER))
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise OutboxError(f"cannot read the outbox at {path}: {_describe(exc)}") from exc
-    if header and header != _SQLITE_HEADER:
-        raise OutboxError(
-            f"{path} exists and is not an engage-async outbox (not a SQLite file); "
-            "it was left untouched"
-        )
+def _not_a_database(exc: sqlite3.Error) -> bool:
+    """SQLite's verdict on a file that is not SQLite at all (it reads the header itself)."""
+    return isinstance(exc, sqlite3.DatabaseError) and "not a database" in str(exc)
 
 
 def _create_private(path: Path) -> None:
@@ -106,7 +91,8 @@ class Database:
             raise OutboxError(f"the outbox directory {path.parent} does not exist")
         if not create and not path.exists():
             raise OutboxError(f"there is no outbox at {path}")
-        _check_existing_file(path)
+        # Nothing here opens the file but SQLite: closing any descriptor of it would drop every
+        # POSIX lock this process's SQLite connections hold on it (docs/decisions.md).
         _create_private(path)
         try:
             connection = await aiosqlite.connect(path, isolation_level=None)
@@ -132,7 +118,16 @@ class Database:
 
         try:
             await db.run(wait_for_locks)
-            await db.run(prepare)
+            try:
+                await db.run(prepare)
+            except OutboxError as exc:
+                cause = exc.__cause__
+                if isinstance(cause, sqlite3.Error) and _not_a_database(cause):
+                    raise OutboxError(
+                        f"{path} exists and is not an engage-async outbox (not a SQLite "
+                        "file); it was left untouched"
+                    ) from None
+                raise
             _tighten_mode(path)
             await db.run(configure)
         except BaseException:
