@@ -51,8 +51,9 @@ from _common import (
 )
 
 import engage_async as ea
+from engage_async import _rows
 from engage_async._changes import NewChange, Operation
-from engage_async._outbox import Outbox, _enqueue
+from engage_async._outbox import SqliteOutbox
 from engage_async.testing import FakeEngage
 
 RATE_TARGET = 5000.0
@@ -154,13 +155,13 @@ async def running_fake(count: int, *, in_process: bool) -> Any:
 
 async def fill_outbox(path: Path, ids: list[str], marker: str) -> None:
     """Queue one update per contact with the outbox's own enqueue code, many per commit."""
-    outbox = await Outbox.open(path)
+    outbox = await SqliteOutbox.open(path)
     try:
         now = time.time()
 
         def enqueue_all(changes: list[NewChange], conn: sqlite3.Connection) -> None:
             for change in changes:
-                _enqueue(conn, change, now)
+                _rows.enqueue(conn, change, now)
 
         for start in range(0, len(ids), 10_000):
             changes = [
@@ -173,7 +174,7 @@ async def fill_outbox(path: Path, ids: list[str], marker: str) -> None:
                 )
                 for index, guid in enumerate(ids[start : start + 10_000], start)
             ]
-            await outbox.write(functools.partial(enqueue_all, changes))
+            await outbox._write(functools.partial(enqueue_all, changes))
     finally:
         await outbox.close()
 

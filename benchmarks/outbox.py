@@ -42,7 +42,7 @@ from _common import (
 
 import engage_async as ea
 from engage_async._changes import NewChange, Operation
-from engage_async._outbox import Outbox
+from engage_async._outbox import SqliteOutbox as Outbox
 from engage_async.testing import FakeEngage
 
 SEQUENTIAL_TARGET = 1.5

@@ -184,3 +184,4 @@ class Batch:
     contact_type: str | None
     submitted_at: float
     polls: int
+    age: float = 0.0  # seconds since it was submitted, by the outbox's clock

@@ -1,16 +1,15 @@
-"""The durable outbox: changes Engage could not take, kept in SQLite until they are delivered.
+"""The SQLite outbox: `OutboxStore` over one file, with group commit.
 
 What it promises:
 
-* `Outbox.enqueue` returns only after its transaction committed. Concurrent enqueues share
-  one transaction (group commit): a single writer task takes everything waiting, runs it in
-  one ``BEGIN IMMEDIATE`` ... ``COMMIT``, then answers every caller.
-* Changes to one contact keep their order: each row carries a *contact key* and rows are
-  delivered in ``seq`` order per key. Pending updates to a contact merge (later values
-  win); an update to a queued create folds into its body; a contact-type change is a barrier
-  nothing merges across. A row a flusher has leased is never merged into.
+* A write returns only after its transaction committed. Concurrent writes share one
+  transaction (group commit): a single writer task takes everything waiting, runs it in one
+  ``BEGIN IMMEDIATE`` ... ``COMMIT`` (a savepoint per item, so one failing item does not fail
+  the others), then answers every caller.
+* Changes to one contact keep their order, pending updates merge, a row a flusher leased is
+  never merged into (the rules are in `_rows`, where the SQL is).
 * The identity map (key -> GUID) lives in the same file: refs of creates are kept for ever,
-  lookups are a cache with a time to live.
+  lookups are a cache, written lazily with the next commit.
 
 The outbox knows nothing of HTTP; the session and the flusher decide what to queue and send.
 """
@@ -22,27 +21,25 @@ import contextlib
 import functools
 import logging
 import sqlite3
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from ._changes import Change, NewChange, Operation, Queued, State, dumps, loads, row_factory
-from ._coalesce import merge_changes
+from . import _rows
+from ._changes import Batch, Change, NewChange, Operation, Queued, row_factory
+from ._clock import SYSTEM_CLOCK, Clock
 from ._errors import OutboxError
-from ._keys import contact_key, identity_key, new_change_id
 from ._schema import migrate
 from ._sqlite import Database
+from ._store import Failures, OutboxCounts, Pause
 
-__all__ = ["Outbox"]
+__all__ = ["SqliteOutbox"]
 
 log = logging.getLogger(__name__)
-
 
 # Cached lookups are written lazily, batched with the next commit or after this long:
 # losing one to a crash only costs a lookup, so it need not cost an fsync of its own.
 _LAZY_IDENTITY_DELAY = 0.5
-
 
 _Work = Callable[[sqlite3.Connection], Any]
 
@@ -51,10 +48,10 @@ _Work = Callable[[sqlite3.Connection], Any]
 _listeners: dict[str, set[Callable[[], None]]] = {}
 
 
-class Outbox:
-    """One process's handle on the outbox file. Open with `Outbox.open`, close with `close`."""
+class SqliteOutbox:
+    """One process's handle on an outbox file. Open with `SqliteOutbox.open`."""
 
-    def __init__(self, db: Database, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, db: Database, *, clock: Clock = SYSTEM_CLOCK) -> None:
         self._db = db
         self._clock = clock
         # Resolved once: resolving on every enqueue was a tenth of an enqueue's cost.
@@ -70,6 +67,11 @@ class Outbox:
         """The outbox file."""
         return self._db.path
 
+    @property
+    def location(self) -> str:
+        """The outbox file, for messages."""
+        return str(self._db.path)
+
     @classmethod
     async def open(
         cls,
@@ -77,9 +79,9 @@ class Outbox:
         *,
         busy_timeout: float = 10.0,
         durability: Literal["full", "normal"] = "full",
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
         create: bool = True,
-    ) -> Outbox:
+    ) -> SqliteOutbox:
         """Open the outbox at `path` (creating it unless `create` is False) and bring its
         schema up to date.
 
@@ -116,20 +118,19 @@ class Outbox:
             self._lazy_flush.cancel()
         if self._lazy_identities:
             with contextlib.suppress(OutboxError):
-                await self.write(self._take_lazy_identities())
+                await self._write(self._take_lazy_identities())
         if self._writer is not None:
             self._queue.put_nowait(None)
             await asyncio.shield(self._writer)
         await self._db.close()
 
-    # --- group commit -----------------------------------------------------------------------
+    def _now(self) -> float:
+        return self._clock.wall()
 
-    async def write(self, work: _Work) -> Any:
-        """Run `work` in the next group commit and return its result once committed.
+    # --- group commit -------------------------------------------------------------------------
 
-        For the modules that share the file (the replay queue); `work` runs on the database
-        thread inside the transaction, and must not block on anything but SQLite.
-        """
+    async def _write(self, work: _Work) -> Any:
+        """Run `work` in the next group commit and return its result once committed."""
         if self._writer is None or self._writer.done():
             raise OutboxError(f"the outbox at {self.path} is closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -138,6 +139,10 @@ class Outbox:
         self._queue.put_nowait((work, future))
         # Shielded: a caller cancelled mid-commit must not cancel the commit for the others.
         return await asyncio.shield(future)
+
+    async def _read(self, work: _Work) -> Any:
+        """Run `work` on the database thread outside any write transaction."""
+        return await self._db.run(work)
 
     async def _write_loop(self) -> None:
         stopping = False
@@ -179,28 +184,7 @@ class Outbox:
                 else:
                     future.set_exception(value)
 
-    async def read(self, work: _Work) -> Any:
-        """Run `work` on the database thread outside any write transaction."""
-        return await self._db.run(work)
-
-    @property
-    def clock(self) -> Callable[[], float]:
-        """The wall clock the outbox stamps rows with (injectable for tests)."""
-        return self._clock
-
-    # --- enqueue ------------------------------------------------------------------------------
-
-    async def enqueue(self, change: NewChange) -> Queued:
-        """Commit `change` to the outbox, merged with what waits for the same contact.
-
-        Raises:
-            OutboxError: nothing was kept (disk full, read-only, locked too long, closed).
-        """
-        now = self._clock()
-        queued: Queued = await self.write(lambda conn: _enqueue(conn, change, now))
-        for wake in tuple(_listeners.get(self._listen_key, ())):
-            wake()
-        return queued
+    # --- what the session does ------------------------------------------------------------------
 
     def subscribe(self, wake: Callable[[], None]) -> Callable[[], None]:
         """Call `wake` after every enqueue to this file in this process; returns the undo."""
@@ -216,67 +200,55 @@ class Outbox:
 
         return unsubscribe
 
+    async def enqueue(self, change: NewChange) -> Queued:
+        """Commit `change` to the outbox, merged with what waits for the same contact.
+
+        Raises:
+            OutboxError: nothing was kept (disk full, read-only, locked too long, closed).
+        """
+        now = self._now()
+        queued: Queued = await self._write(lambda conn: _rows.enqueue(conn, change, now))
+        for wake in tuple(_listeners.get(self._listen_key, ())):
+            wake()
+        return queued
+
     async def has_active(self, contact_key: str) -> bool:
         """Do changes to this contact still wait (pending, in flight or awaiting a GUID)?"""
-
-        def query(conn: sqlite3.Connection) -> bool:
-            row = conn.execute(
-                "SELECT 1 FROM changes WHERE contact_key = ? "
-                "AND state IN ('pending', 'inflight', 'waiting_guid') LIMIT 1",
-                (contact_key,),
-            ).fetchone()
-            return row is not None
-
-        return await self._db.run(query)
+        result: bool = await self._read(lambda conn: _rows.has_active(conn, contact_key))
+        return result
 
     async def queued_create(
         self, key_name: str, key_value: str, contact_type: str
     ) -> tuple[str, str] | None:
         """(change_id, ref) of a create still waiting for this key and type, if any."""
-
-        def query(conn: sqlite3.Connection) -> tuple[str, str] | None:
-            row = _queued_create(conn, key_name, key_value, contact_type)
-            return None if row is None else (row["change_id"], row["ref"])
-
-        return await self._db.run(query)
+        result: tuple[str, str] | None = await self._read(
+            lambda conn: _rows.queued_create(conn, key_name, key_value, contact_type)
+        )
+        return result
 
     async def create_of(self, ref: str) -> Change | None:
         """The create that made `ref`, in any state, or None if the outbox never saw it."""
-
-        def query(conn: sqlite3.Connection) -> Change | None:
-            row = conn.execute(
-                "SELECT * FROM changes WHERE ref = ? AND operation = 'create' "
-                "ORDER BY seq DESC LIMIT 1",
-                (ref,),
-            ).fetchone()
-            return None if row is None else Change.from_row(row)
-
-        return await self._db.run(query)
+        result: Change | None = await self._read(lambda conn: _rows.create_of(conn, ref))
+        return result
 
     async def record_guid(self, seq: int, contact_id: str) -> None:
-        """A create reached Engage and its GUID is known: finish it in one transaction.
-
-        Marks the create done, records ref and key -> GUID in the identity map, and points
-        the changes waiting on its ref at the GUID, which releases them.
-        """
-        now = self._clock()
-        await self.write(lambda conn: _record_guid(conn, seq, contact_id, now))
-
-    # --- identity map ---------------------------------------------------------------------
+        """The create at `seq` exists as `contact_id`: finish it and free its chain."""
+        now = self._now()
+        await self._write(lambda conn: _rows.record_guid(conn, seq, contact_id, now))
 
     async def remember(self, keys: Iterable[str], contact_id: str) -> None:
         """Record that every key in `keys` names `contact_id`; committed before returning."""
-        now = self._clock()
+        now = self._now()
         rows = [(key, contact_id, now) for key in keys]
-        for key in keys:
+        for key, _, _ in rows:
             self._lazy_identities.pop(key, None)
-        await self.write(lambda conn: _upsert_identities(conn, rows))
+        await self._write(lambda conn: _rows.upsert_identities(conn, rows))
 
     def remember_later(self, key: str, contact_id: str) -> None:
         """Cache a lookup result; written with the next commit (a crash may lose it)."""
         if self._closed:
             return
-        self._lazy_identities[key] = (contact_id, self._clock())
+        self._lazy_identities[key] = (contact_id, self._now())
         if self._lazy_flush is None:
             loop = asyncio.get_running_loop()
             self._lazy_flush = loop.call_later(_LAZY_IDENTITY_DELAY, self._flush_lazy)
@@ -284,35 +256,242 @@ class Outbox:
     def _flush_lazy(self) -> None:
         self._lazy_flush = None
         if self._lazy_identities and not self._closed:
-            task = asyncio.ensure_future(self.write(self._take_lazy_identities()))
+            task = asyncio.ensure_future(self._write(self._take_lazy_identities()))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def _take_lazy_identities(self) -> _Work:
         rows = [(key, guid, at) for key, (guid, at) in self._lazy_identities.items()]
         self._lazy_identities.clear()
-        return lambda conn: _upsert_identities(conn, rows)
-
-    async def forget(self, key: str) -> None:
-        """Drop a cached identity (the contact turned out not to exist any more)."""
-        self._lazy_identities.pop(key, None)
-        await self.write(lambda conn: conn.execute("DELETE FROM identities WHERE key = ?", (key,)))
+        return lambda conn: _rows.upsert_identities(conn, rows)
 
     async def identity(self, key: str, *, max_age: float | None = None) -> str | None:
         """The GUID recorded for `key`, if recorded less than `max_age` seconds ago."""
-        oldest = None if max_age is None else self._clock() - max_age
+        oldest = None if max_age is None else self._now() - max_age
         lazy = self._lazy_identities.get(key)
         if lazy is not None and (oldest is None or lazy[1] >= oldest):
             return lazy[0]
+        result: str | None = await self._read(lambda conn: _rows.identity(conn, key, oldest))
+        return result
 
-        def query(conn: sqlite3.Connection) -> str | None:
-            row = conn.execute(
-                "SELECT contact_id, updated_at FROM identities WHERE key = ?", (key,)
-            ).fetchone()
-            if row is None or (oldest is not None and row["updated_at"] < oldest):
-                return None
-            return str(row["contact_id"])
+    # --- what a flusher does ------------------------------------------------------------------
 
-        return await self._db.run(query)
+    async def recover_expired(self) -> int:
+        """Give back rows and batches whose owner's lease ran out; how many rows came back."""
+        now = self._now()
+        result: int = await self._write(lambda conn: _rows.recover_expired(conn, now))
+        return result
+
+    async def claim(self, owner: str, *, limit: int, lease_seconds: float) -> list[Change]:
+        """Lease up to `limit` due changes, each the head of its contact's chain."""
+        now = self._now()
+        result: list[Change] = await self._write(
+            lambda conn: _rows.claim(conn, owner, limit, now + lease_seconds, now)
+        )
+        return result
+
+    async def renew(self, owner: str, lease_seconds: float) -> None:
+        """Extend every lease `owner` holds."""
+        until = self._now() + lease_seconds
+        await self._write(lambda conn: _rows.renew(conn, owner, until))
+
+    async def release(
+        self,
+        owner: str,
+        seqs: Iterable[int],
+        *,
+        delay: float = 0.0,
+        count_attempt: bool = False,
+        error: str | None = None,
+        send_alone: bool = False,
+    ) -> None:
+        """Give claimed rows back as pending, due again in `delay` seconds."""
+        now = self._now()
+        seqs = list(seqs)
+        await self._write(
+            lambda conn: _rows.release(
+                conn,
+                owner,
+                seqs,
+                not_before=now + delay,
+                count_attempt=count_attempt,
+                error=error,
+                send_alone=send_alone,
+                now=now,
+            )
+        )
+
+    async def finish(self, seqs: Iterable[int]) -> None:
+        """Rows Engage applied: done."""
+        now = self._now()
+        seqs = list(seqs)
+        await self._write(lambda conn: _rows.finish(conn, seqs, now))
+
+    async def bury(self, failures: Failures) -> int:
+        """Dead-letter rows Engage rejected for good, and their dependents; how many."""
+        now = self._now()
+        result: int = await self._write(lambda conn: _rows.bury(conn, failures, now))
+        return result
+
+    async def create_became_update(
+        self, change: Change, contact_id: str, body: Mapping[str, Any]
+    ) -> None:
+        """A create's contact exists and must still get `body`: the row becomes an update."""
+        now = self._now()
+        await self._write(
+            lambda conn: _rows.create_became_update(conn, change, contact_id, body, now)
+        )
+
+    async def submit_batch(
+        self,
+        batch_id: str,
+        kind: Operation,
+        contact_type: str | None,
+        seqs: Sequence[int],
+        *,
+        first_poll: float,
+    ) -> None:
+        """Engage accepted a bulk request: record the batch and tie its rows to it."""
+        now = self._now()
+        await self._write(
+            lambda conn: _rows.submit_batch(
+                conn, batch_id, kind, contact_type, seqs, now + first_poll, now
+            )
+        )
+
+    async def claim_batches(self, owner: str, *, limit: int, lease_seconds: float) -> list[Batch]:
+        """Lease batches due for a status poll."""
+        now = self._now()
+        result: list[Batch] = await self._write(
+            lambda conn: _rows.claim_batches(conn, owner, limit, now + lease_seconds, now)
+        )
+        return result
+
+    async def batch_rows(self, batch_id: str) -> list[Change]:
+        """The changes sent in a batch, in the order they were sent."""
+        result: list[Change] = await self._read(lambda conn: _rows.batch_rows(conn, batch_id))
+        return result
+
+    async def poll_batch_later(self, batch_id: str, *, delay: float, status: Any) -> None:
+        """The batch still runs: keep its status, poll again in `delay` seconds."""
+        next_poll = self._now() + delay
+        await self._write(lambda conn: _rows.poll_batch_later(conn, batch_id, next_poll, status))
+
+    async def unlease_batches(self, owner: str, batch_ids: Sequence[str]) -> None:
+        """Give back batches `owner` could not poll, as they were."""
+        await self._write(lambda conn: _rows.forget_lease_of_batches(conn, owner, batch_ids))
+
+    async def settle_batch(
+        self, batch_id: str, status: Any, *, failed: Failures, resend: Iterable[int]
+    ) -> tuple[int, int]:
+        """Settle a finished batch in one transaction; (rows applied, rows dead)."""
+        now = self._now()
+        resend = list(resend)
+        result: tuple[int, int] = await self._write(
+            lambda conn: _rows.settle_batch(conn, batch_id, status, failed, resend, now)
+        )
+        return result
+
+    async def next_batch_poll(self) -> float | None:
+        """Seconds until a batch in flight is due for a poll, or None if none is in flight."""
+        due: float | None = await self._read(_rows.next_batch_poll)
+        return None if due is None else max(0.0, due - self._now())
+
+    async def claim_waiting(self, owner: str, *, limit: int, lease_seconds: float) -> list[Change]:
+        """Lease creates due for a GUID lookup, those other changes wait on first."""
+        now = self._now()
+        result: list[Change] = await self._write(
+            lambda conn: _rows.claim_waiting(conn, owner, limit, now + lease_seconds, now)
+        )
+        return result
+
+    async def not_found_yet(self, seq: int, *, delay: float, count: bool = True) -> None:
+        """A waiting create is not on Engage yet: look again in `delay` seconds."""
+        now = self._now()
+        await self._write(lambda conn: _rows.not_found_yet(conn, seq, now + delay, count, now))
+
+    async def create_again(self, seq: int, reason: str) -> None:
+        """A create Engage never showed: send it again (looked up first)."""
+        now = self._now()
+        await self._write(lambda conn: _rows.create_again(conn, seq, reason, now))
+
+    async def exported(self, done: Iterable[int], waiting: Iterable[int], path: str) -> None:
+        """Rows written to an XML file: updates done, creates waiting for their GUID."""
+        now = self._now()
+        done, waiting = list(done), list(waiting)
+        await self._write(lambda conn: _rows.exported(conn, done, waiting, path, now))
+
+    async def pause(self) -> Pause | None:
+        """The pause every flusher obeys, if one is set."""
+        now = self._now()
+        result: Pause | None = await self._read(lambda conn: _rows.pause(conn, now))
+        return result
+
+    async def set_pause(self, *, delay: float, reason: str, outages: int) -> None:
+        """Make every flusher hold off for `delay` seconds."""
+        until = self._now() + delay
+        await self._write(lambda conn: _rows.set_pause(conn, until, reason, outages))
+
+    async def clear_pause(self) -> None:
+        """Lift the pause and reset the outage count."""
+        await self._write(_rows.clear_pause)
+
+    async def unfinished_count(self) -> int:
+        """How many changes are pending, in flight or waiting for a GUID."""
+        result: int = await self._read(_rows.unfinished_count)
+        return result
+
+    async def due_count(self, *, at_most: int) -> int:
+        """How many pending changes are due now, counting no further than `at_most`."""
+        now = self._now()
+        result: int = await self._read(lambda conn: _rows.due_count(conn, at_most, now))
+        return result
+
+    async def prune(self, *, older_than: float) -> int:
+        """Delete done changes and finished batches older than `older_than` seconds."""
+        cutoff = self._now() - older_than
+        result: int = await self._write(lambda conn: _rows.prune(conn, cutoff))
+        return result
+
+    # --- what the admin does --------------------------------------------------------------------
+
+    async def counts(self) -> OutboxCounts:
+        """Counts per state, the oldest waiting change's age, the pause, batches in flight."""
+        now = self._now()
+        result: OutboxCounts = await self._db.read(lambda conn: _rows.counts(conn, now))
+        return result
+
+    async def list_changes(self, *, state: str | None, limit: int, key: str | None) -> list[Change]:
+        """Changes oldest first, in one `state` and for one contact when given."""
+        result: list[Change] = await self._db.read(
+            lambda conn: _rows.list_changes(conn, state, limit, key)
+        )
+        return result
+
+    async def get_change(self, change_id: str) -> Change | None:
+        """One change by its id."""
+        result: Change | None = await self._read(lambda conn: _rows.get_change(conn, change_id))
+        return result
+
+    async def requeue(self, change: Change) -> None:
+        """Make a change due now, attempts reset; a dead create's dependents too."""
+        now = self._now()
+        await self._write(lambda conn: _rows.requeue(conn, change, now))
+
+    async def requeue_dead(self) -> int:
+        """Requeue every dead change; how many."""
+        now = self._now()
+        result: int = await self._write(lambda conn: _rows.requeue_dead(conn, now))
+        return result
+
+    async def discard(self, change: Change, reason: str) -> None:
+        """Dead-letter a waiting change on purpose (a create takes its dependents along)."""
+        now = self._now()
+        await self._write(lambda conn: _rows.discard(conn, change, reason, now))
+
+    async def open_changes(self) -> list[Change]:
+        """Every change not yet done, oldest first."""
+        result: list[Change] = await self._db.read(_rows.open_changes)
+        return result
 
 
 def _detached_future() -> asyncio.Future[Any]:
@@ -343,185 +522,3 @@ def _run_batch(conn: sqlite3.Connection, works: list[_Work]) -> list[tuple[bool,
             outcomes.append((False, failure))
         conn.execute("RELEASE item")
     return outcomes
-
-
-def _upsert_identities(conn: sqlite3.Connection, rows: list[tuple[str, str, float]]) -> None:
-    conn.executemany(
-        "INSERT INTO identities (key, contact_id, updated_at) VALUES (?, ?, ?) "
-        "ON CONFLICT (key) DO UPDATE SET contact_id = excluded.contact_id, "
-        "updated_at = excluded.updated_at",
-        rows,
-    )
-
-
-def _record_guid(conn: sqlite3.Connection, seq: int, contact_id: str, now: float) -> None:
-    create = conn.execute(
-        "SELECT ref, key_name, key_value, contact_type FROM changes WHERE seq = ?", (seq,)
-    ).fetchone()
-    if create is None:
-        return
-    keys = [f"ref:{create['ref']}"]
-    if create["key_name"] and create["key_value"]:
-        keys.append(identity_key(create["key_name"], create["key_value"], create["contact_type"]))
-    _upsert_identities(conn, [(key, contact_id, now) for key in keys])
-    conn.execute(
-        "UPDATE changes SET state = 'done', contact_id = ?, done_at = ?, updated_at = ?, "
-        "lease_owner = NULL, lease_until = NULL WHERE seq = ?",
-        (contact_id, now, now, seq),
-    )
-    conn.execute(
-        "UPDATE changes SET contact_key = ?, contact_id = ?, updated_at = ? "
-        "WHERE contact_key = ? AND state IN ('pending', 'inflight', 'waiting_guid')",
-        (contact_key(contact_id=contact_id), contact_id, now, contact_key(ref=create["ref"])),
-    )
-
-
-def _tail(conn: sqlite3.Connection, contact_key: str) -> sqlite3.Row | None:
-    """The last change still waiting for this contact: the only one a new change may join."""
-    row: sqlite3.Row | None = conn.execute(
-        "SELECT seq, change_id, ref, operation, state, body, folded, key_name, key_value, "
-        "contact_type FROM changes "
-        "WHERE contact_key = ? AND state IN ('pending', 'inflight', 'waiting_guid') "
-        "ORDER BY seq DESC LIMIT 1",
-        (contact_key,),
-    ).fetchone()
-    return row
-
-
-def _queued_create(
-    conn: sqlite3.Connection, key_name: str, key_value: str, contact_type: str | None
-) -> sqlite3.Row | None:
-    """The newest create still waiting for this key and contact type.
-
-    Matched on the normalised key, as Engage matches it: "ANN@Example.com" is the contact
-    "ann@example.com" is.
-    """
-    row: sqlite3.Row | None = conn.execute(
-        "SELECT change_id, ref, contact_key FROM changes WHERE operation = 'create' "
-        "AND state IN ('pending', 'inflight', 'waiting_guid') AND identity = ? "
-        "ORDER BY seq DESC LIMIT 1",
-        (identity_key(key_name, key_value, contact_type),),
-    ).fetchone()
-    return row
-
-
-def _enqueue(conn: sqlite3.Connection, change: NewChange, now: float) -> Queued:
-    if change.operation is Operation.CREATE and change.key_name and change.key_value:
-        twin = _queued_create(conn, change.key_name, change.key_value, change.contact_type)
-        if twin is not None:
-            # The contact is already on its way in: a second create would make a duplicate.
-            if change.if_exists == "update" and change.body:
-                changes = {k: v for k, v in change.body.items() if k != "contactType"}
-                _merge_into_tail(conn, twin["contact_key"], changes, now)
-            return Queued(twin["change_id"], ref=twin["ref"], duplicate=True)
-    if change.operation is Operation.UPDATE and change.body is not None:
-        merged = _merge_into_tail(conn, change.contact_key, change.body, now)
-        if merged is not None:
-            return merged
-    return _insert(conn, change, now)
-
-
-def _merge_into_tail(
-    conn: sqlite3.Connection, contact_key: str, changes: Mapping[str, Any], now: float
-) -> Queued | None:
-    """Fold `changes` into the contact's last waiting change if that is allowed, else None.
-
-    Allowed only into a pending (not leased) create or update: a row in flight may already be
-    on the wire, and a contact-type change is a barrier.
-    """
-    tail = _tail(conn, contact_key)
-    if tail is None or tail["state"] != State.PENDING:
-        return None
-    if tail["operation"] == Operation.UPDATE:
-        body = merge_changes(loads(tail["body"]) or {}, changes)
-        conn.execute(
-            "UPDATE changes SET body = ?, updated_at = ? WHERE seq = ?",
-            (dumps(body), now, tail["seq"]),
-        )
-    elif tail["operation"] == Operation.CREATE:
-        body = merge_changes(loads(tail["body"]) or {}, changes)
-        folded = merge_changes(loads(tail["folded"]) or {}, changes)
-        key_value = tail["key_value"]
-        corrected = changes.get(tail["key_name"]) if tail["key_name"] else None
-        if isinstance(corrected, str) and corrected.strip():
-            # The contact will be created with the corrected key, so that is what its GUID is
-            # looked up by and what a second create for it must match.
-            key_value = corrected
-        conn.execute(
-            "UPDATE changes SET body = ?, folded = ?, key_value = ?, identity = ?, "
-            "updated_at = ? WHERE seq = ?",
-            (
-                dumps(body),
-                dumps(folded),
-                key_value,
-                _identity_of(Operation.CREATE, tail["key_name"], key_value, tail["contact_type"]),
-                now,
-                tail["seq"],
-            ),
-        )
-    else:
-        return None
-    return Queued(tail["change_id"], ref=tail["ref"], merged=True)
-
-
-def _identity_of(
-    operation: Operation, key_name: str | None, key_value: str | None, contact_type: str | None
-) -> str | None:
-    """The identity-map key a create is matched by; None for other changes and keyless ones."""
-    if operation is not Operation.CREATE or not key_name or not key_value:
-        return None
-    return identity_key(key_name, key_value, contact_type)
-
-
-def _known_type(conn: sqlite3.Connection, change: NewChange) -> str | None:
-    """The contact type an update's contact has, as far as the outbox knows: from the newest
-    create or type change queued for it (by its ref or its GUID). An XML file needs it.
-    """
-    typed = "operation IN ('create', 'contact_type', 'promote') AND contact_type IS NOT NULL"
-    # Two indexed lookups rather than one OR that may scan.
-    row = conn.execute(
-        f"SELECT contact_type FROM changes WHERE contact_key = ? "  # noqa: S608 - fixed text
-        f"AND state IN ('pending', 'inflight', 'waiting_guid') AND {typed} "
-        "ORDER BY seq DESC LIMIT 1",
-        (change.contact_key,),
-    ).fetchone()
-    if row is None and change.ref is not None:
-        row = conn.execute(
-            f"SELECT contact_type FROM changes WHERE ref = ? AND {typed} "  # noqa: S608
-            "ORDER BY seq DESC LIMIT 1",
-            (change.ref,),
-        ).fetchone()
-    return None if row is None else str(row[0])
-
-
-def _insert(conn: sqlite3.Connection, change: NewChange, now: float) -> Queued:
-    change_id = new_change_id()
-    contact_type = change.contact_type
-    if change.operation is Operation.UPDATE and contact_type is None:
-        contact_type = _known_type(conn, change)
-    conn.execute(
-        "INSERT INTO changes (change_id, operation, contact_key, contact_id, ref, contact_type,"
-        " key_name, key_value, identity, body, query, lookup_first, if_exists, created_at,"
-        " updated_at, next_attempt_at, last_error)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            change_id,
-            str(change.operation),
-            change.contact_key,
-            change.contact_id,
-            change.ref,
-            contact_type,
-            change.key_name,
-            change.key_value,
-            _identity_of(change.operation, change.key_name, change.key_value, change.contact_type),
-            dumps(change.body),
-            dumps(change.query),
-            int(change.lookup_first),
-            change.if_exists,
-            now,
-            now,
-            now,
-            change.reason,
-        ),
-    )
-    return Queued(change_id, ref=change.ref)

@@ -33,13 +33,20 @@ import attrs
 from . import _http
 from ._breaker import CircuitBreaker
 from ._changes import NewChange, Operation, Queued
+from ._clock import SYSTEM_CLOCK, Clock
 from ._config import EngageConfig
+from ._create_policy import (
+    CreateOutcome,
+    contact_id_in,
+    create_outcome,
+    must_look_up_first,
+    update_for_existing,
+)
 from ._errors import (
     CircuitOpen,
     ContactNotFound,
     EngageConflict,
     EngageError,
-    EngageServerError,
     EngageTimeout,
     EngageUnavailable,
     PayloadError,
@@ -54,11 +61,13 @@ from ._keys import (
     lookup_parameter,
     new_ref,
 )
+from ._lifecycle import Lifecycle
 from ._models import Contact, ContactOverview, Delivery, PointAccount, Promotion, Transaction
-from ._outbox import Outbox
+from ._outbox import SqliteOutbox
 from ._overview import read_overview
 from ._redact import scrub
 from ._retry import interactive_delays
+from ._store import OutboxStore
 from ._transport import Transport
 from ._wire import contact_id_from_engage, normalize_contact_id, prepare_payload, structure
 
@@ -92,20 +101,30 @@ class EngageSession:
     never closes). A closed session cannot be opened again.
     """
 
-    def __init__(self, config: EngageConfig, *, http: aiohttp.ClientSession | None = None) -> None:
+    def __init__(
+        self,
+        config: EngageConfig,
+        *,
+        http: aiohttp.ClientSession | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
         if not isinstance(config, EngageConfig):
             raise TypeError("config: must be an EngageConfig")
         self.config = config
+        self._clock = clock
         self._transport = Transport(config, http)
-        self._outbox: Outbox | None = None
-        self._state: Literal["new", "open", "closed"] = "new"
-        self._breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown)
+        self._outbox: OutboxStore | None = None
+        self._lifecycle = Lifecycle("EngageSession")
+        self._breaker = CircuitBreaker(
+            config.breaker_threshold, config.breaker_cooldown, clock=clock.monotonic
+        )
         self._root = config.api_root
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
     def __repr__(self) -> str:
         return (
-            f"<EngageSession {self.config.base_url} api v{self.config.api_version} {self._state}>"
+            f"<EngageSession {self.config.base_url} api v{self.config.api_version} "
+            f"{self._lifecycle.state}>"
         )
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -129,21 +148,20 @@ class EngageSession:
             RuntimeError: the session was opened before.
             OutboxError: the outbox file cannot be used.
         """
-        if self._state != "new":
-            raise RuntimeError(f"this EngageSession is {self._state}; make a new one")
-        self._outbox = await Outbox.open(
+        self._lifecycle.opening()
+        self._outbox = await SqliteOutbox.open(
             self.config.outbox_path,
             busy_timeout=self.config.busy_timeout,
             durability=self.config.durability,
+            clock=self._clock,
         )
         self._transport.open()
-        self._state = "open"
+        self._lifecycle.opened()
 
     async def close(self) -> None:
         """Close the outbox and, if the session made it, the HTTP session. Idempotent."""
-        if self._state == "closed":
+        if not self._lifecycle.closing():
             return
-        self._state = "closed"
         try:
             if self._outbox is not None:
                 await self._outbox.close()
@@ -153,21 +171,20 @@ class EngageSession:
     @property
     def closed(self) -> bool:
         """True once `close` was called."""
-        return self._state == "closed"
+        return self._lifecycle.closed
 
-    def _ready(self) -> Outbox:
-        if self._state != "open" or self._outbox is None:
-            what = "not open yet (use `async with`)" if self._state == "new" else "closed"
-            raise RuntimeError(f"this EngageSession is {what}")
+    def _ready(self) -> OutboxStore:
+        self._lifecycle.check_open()
+        assert self._outbox is not None
         return self._outbox
 
     # --- sending -------------------------------------------------------------------------------
 
     def _deadline(self, share: float = 1.0) -> float:
-        return asyncio.get_running_loop().time() + self.config.interactive_deadline * share
+        return self._clock.monotonic() + self.config.interactive_deadline * share
 
     async def _attempt(self, call: _http.Call, until: float) -> Any:
-        remaining = until - asyncio.get_running_loop().time()
+        remaining = until - self._clock.monotonic()
         if remaining <= 0:
             raise EngageTimeout(
                 f"{call.target}: not sent, the interactive deadline has passed",
@@ -197,7 +214,6 @@ class EngageSession:
         Only idempotent calls are retried here; creates have their own rules.
         """
         delays = interactive_delays(self.config.retry_initial_delay, self.config.retry_max_delay)
-        loop = asyncio.get_running_loop()
         for attempt in range(1, self.config.retry_attempts + 1):
             try:
                 return await self._attempt(call, until)
@@ -208,10 +224,10 @@ class EngageSession:
                 wait = next(delays)
                 if isinstance(exc, RateLimited):
                     wait = max(wait, exc.retry_after or 0.0)
-                if loop.time() + wait >= until:
+                if self._clock.monotonic() + wait >= until:
                     raise
                 log.debug("retrying %s in %.2f s after %s", call.target, wait, type(exc).__name__)
-                await asyncio.sleep(wait)
+                await self._clock.sleep(wait)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     # --- reads -------------------------------------------------------------------------------
@@ -463,91 +479,87 @@ class EngageSession:
             return await self._create_now(create)
 
     async def _create_now(self, create: _Create) -> Delivery:
+        """Look the key up, then POST until Engage says what became of the contact; queue it
+        (looked up first when `must_look_up_first` says so) if Engage cannot say in time.
+        """
         until = self._deadline(_NETWORK_SHARE)
-        checked = False  # True once Engage said the key is free and nothing we sent applied
-        maybe_applied = False  # a POST went out and its fate is unknown
+        key_was_free = False
+        outcomes: list[CreateOutcome] = []
+        call = _http.create_contact(
+            self._root,
+            self.config.api_version,
+            _http.encode_json(create.body),
+            source=create.query.get("source"),
+            store_external_id=create.query.get("storeExternalId"),
+            create_as_unapproved="createAsUnapproved" in create.query,
+        )
+        delays = interactive_delays(self.config.retry_initial_delay, self.config.retry_max_delay)
         try:
             existing = await self._lookup_key(create, until)
             if existing is not None:
                 return await self._existing(create, existing, until)
-            checked = True
-            call = _http.create_contact(
-                self._root,
-                self.config.api_version,
-                _http.encode_json(create.body),
-                source=create.query.get("source"),
-                store_external_id=create.query.get("storeExternalId"),
-                create_as_unapproved="createAsUnapproved" in create.query,
-            )
-            delays = interactive_delays(
-                self.config.retry_initial_delay, self.config.retry_max_delay
-            )
+            key_was_free = True
             for _ in range(self.config.retry_attempts):
+                error: EngageError | None = None
+                data: Any = None
                 try:
                     data = await self._call(call, until=until)
-                except EngageConflict as exc:
-                    found = await self._after_conflict(create, exc, until, next(delays))
+                except (EngageConflict, EngageUnavailable, RateLimited) as exc:
+                    error = exc
+                outcome = create_outcome(data, error=error)
+                outcomes.append(outcome)
+                if outcome is CreateOutcome.CREATED:
+                    return await self._created(create, data)
+                if outcome is CreateOutcome.EXISTS:
+                    assert error is not None
+                    found = await self._lookup_key(create, until)
+                    if found is None:
+                        raise error
+                    return await self._existing(create, found, until)
+                if outcome is CreateOutcome.BEING_CREATED:
+                    await self._pause(next(delays), until)
+                    found = await self._lookup_key(create, until)
                     if found is not None:
                         return await self._existing(create, found, until)
                     continue
-                except CircuitOpen:
-                    raise  # not sent: queued as it stands (`checked` still holds)
-                except EngageServerError as exc:
-                    if exc.status == 504 and exc.error_code == "RequestTimeOut":
-                        # Engage documents this one as rolled back: nothing was created.
-                        await self._pause(next(delays), until)
-                        continue
-                    checked, maybe_applied = False, True
-                    raise
-                except EngageUnavailable as exc:
-                    if not exc.request_sent:
-                        await self._pause(next(delays), until)
-                        continue
-                    checked, maybe_applied = False, True
-                    raise
-                except RateLimited as exc:
-                    await self._pause(max(next(delays), exc.retry_after or 0.0), until)
-                    continue
-                return await self._created(create, data)
+                if outcome is CreateOutcome.REJECTED:
+                    assert error is not None
+                    raise error
+                if outcome is CreateOutcome.UNKNOWN or isinstance(error, CircuitOpen):
+                    raise error or EngageUnavailable(
+                        f"{call.target}: the answer named no contact", request_sent=True
+                    )
+                # Not applied (never sent, refused for now, or rolled back): try again.
+                retry_after = error.retry_after if isinstance(error, RateLimited) else None
+                await self._pause(max(next(delays), retry_after or 0.0), until)
             raise EngageUnavailable(f"POST {self._root}/contacts: no attempt succeeded")
         except (EngageUnavailable, RateLimited) as exc:
-            if maybe_applied:
+            if outcomes and outcomes[-1] is CreateOutcome.UNKNOWN:
                 # The create may have been applied: one more look before queueing it.
                 with contextlib.suppress(EngageError):
                     found = await self._lookup_key(create, until)
                     if found is not None:
                         return await self._remember_created(create, found, existed=False)
-            return await self._queue_create(create, lookup_first=not checked, reason=_reason(exc))
+            lookup_first = must_look_up_first(key_was_free=key_was_free, outcomes=outcomes)
+            return await self._queue_create(create, lookup_first=lookup_first, reason=_reason(exc))
 
     async def _pause(self, wait: float, until: float) -> None:
         """Sleep before another attempt, or give up now if that would pass the deadline."""
-        if asyncio.get_running_loop().time() + wait >= until:
+        if self._clock.monotonic() + wait >= until:
             raise EngageTimeout(
                 "the interactive deadline does not leave time for a retry", request_sent=False
             )
-        await asyncio.sleep(wait)
+        await self._clock.sleep(wait)
 
     async def _lookup_key(self, create: _Create, until: float) -> str | None:
         return await self._lookup(
             lookup_parameter(create.key_name), create.key_value, create.contact_type, until
         )
 
-    async def _after_conflict(
-        self, create: _Create, conflict: EngageConflict, until: float, wait: float
-    ) -> str | None:
-        """What a 409 on create means: the contact exists (its GUID) or is being created."""
-        if conflict.error_code == "ContactWithKeyIsBeingCreated":
-            await self._pause(wait, until)
-            return await self._lookup_key(create, until)
-        if conflict.error_code == "ApprovedContactWithKeyExists":
-            found = await self._lookup_key(create, until)
-            if found is not None:
-                return found
-        raise conflict
-
     async def _created(self, create: _Create, data: Any) -> Delivery:
         contact = structure(data, Contact)
-        guid = contact_id_from_engage(contact.id)
+        guid = contact_id_in(data)
+        assert guid is not None  # create_outcome said CREATED
         return await self._remember_created(create, guid, existed=False, contact=contact)
 
     async def _remember_created(
@@ -566,9 +578,9 @@ class EngageSession:
     async def _existing(self, create: _Create, guid: str, until: float) -> Delivery:
         """The contact already exists: return it, or (``if_exists="update"``) update it too."""
         delivery = await self._remember_created(create, guid, existed=True)
-        if create.if_exists != "update":
+        changes = update_for_existing(create.if_exists, create.body)
+        if changes is None:
             return delivery
-        changes = {k: v for k, v in create.body.items() if k != "contactType"}
         target = _Target(contact_key(contact_id=guid), guid, create.ref)
         updated = await self._write_update(target, changes, until)
         return attrs.evolve(updated, ref=create.ref, existed=True, contact_id=guid)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,12 +17,13 @@ from typing import Any, Self
 
 import attrs
 
-from ._changes import Change, Operation, State
+from ._changes import Change, State
+from ._clock import SYSTEM_CLOCK, Clock
 from ._errors import ChangeNotFound
-from ._keys import identity_matches, is_change_id, is_ref
-from ._outbox import Outbox
-from ._redact import mask, scrub
-from ._wire import is_contact_id
+from ._keys import is_change_id
+from ._outbox import SqliteOutbox
+from ._redact import mask
+from ._store import OutboxStore
 
 __all__ = ["OutboxAdmin", "OutboxEntry", "OutboxStats"]
 
@@ -114,10 +114,17 @@ class OutboxAdmin:
     `close` when done.
     """
 
-    def __init__(self, outbox_path: str | os.PathLike[str], *, busy_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        outbox_path: str | os.PathLike[str],
+        *,
+        busy_timeout: float = 10.0,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
         self.path = Path(outbox_path)
         self._busy_timeout = busy_timeout
-        self._outbox: Outbox | None = None
+        self._clock = clock
+        self._store: OutboxStore | None = None
 
     def __repr__(self) -> str:
         return f"<OutboxAdmin {self.path}>"
@@ -134,51 +141,31 @@ class OutboxAdmin:
     ) -> None:
         await self.close()
 
-    async def _open(self) -> Outbox:
-        if self._outbox is None:
-            self._outbox = await Outbox.open(
-                self.path, busy_timeout=self._busy_timeout, create=False
+    async def _open(self) -> OutboxStore:
+        if self._store is None:
+            self._store = await SqliteOutbox.open(
+                self.path, busy_timeout=self._busy_timeout, create=False, clock=self._clock
             )
-        return self._outbox
+        return self._store
 
     async def close(self) -> None:
         """Close the outbox file."""
-        if self._outbox is not None:
-            await self._outbox.close()
-            self._outbox = None
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
 
     async def stats(self) -> OutboxStats:
         """Counts per state, the age of the oldest waiting change, and the flushers' pause."""
-        outbox = await self._open()
-        now = outbox.clock()
-
-        def work(conn: sqlite3.Connection) -> OutboxStats:
-            counts = dict.fromkeys((str(state) for state in State), 0)
-            counts.update(
-                conn.execute("SELECT state, count(*) FROM changes GROUP BY state").fetchall()
-            )
-            oldest = conn.execute(
-                "SELECT min(created_at) FROM changes "
-                "WHERE state IN ('pending', 'inflight', 'waiting_guid')"
-            ).fetchone()[0]
-            control = dict(conn.execute("SELECT name, value FROM control").fetchall())
-            batches = conn.execute(
-                "SELECT count(*) FROM batches WHERE state = 'submitted'"
-            ).fetchone()[0]
-            paused = control.get("paused_until")
-            until = float(paused) if paused is not None else None
-            return OutboxStats(
-                by_state=counts,
-                oldest_pending_age=None if oldest is None else max(0.0, now - oldest),
-                paused_until=datetime.fromtimestamp(until, UTC)
-                if until is not None and until > now
-                else None,
-                pause_reason=control.get("pause_reason") if until and until > now else None,
-                batches_in_flight=batches,
-            )
-
-        result: OutboxStats = await outbox.read(work)
-        return result
+        store = await self._open()
+        counts = await store.counts()
+        pause = counts.pause if counts.pause is not None and counts.pause.remaining > 0 else None
+        return OutboxStats(
+            by_state=counts.by_state,
+            oldest_pending_age=counts.oldest_pending_age,
+            paused_until=None if pause is None else datetime.fromtimestamp(pause.until, UTC),
+            pause_reason=None if pause is None else pause.reason,
+            batches_in_flight=counts.batches_in_flight,
+        )
 
     async def list(
         self,
@@ -197,44 +184,13 @@ class OutboxAdmin:
             raise ValueError(f"state: must be one of {', '.join(str(s) for s in State)}")
         if limit < 1:
             raise ValueError("limit: must be at least 1")
-        outbox = await self._open()
-
-        def work(conn: sqlite3.Connection) -> list[Change]:
-            clauses: list[str] = []
-            params: list[Any] = []
-            if state is not None:
-                clauses.append("state = ?")
-                params.append(state)
-            if key is not None:
-                refs, contact_ids = _contact_of(conn, key)
-                clauses.append(
-                    "(ref IN (SELECT value FROM json_each(?)) "
-                    "OR contact_key IN (SELECT value FROM json_each(?)) "
-                    "OR contact_id IN (SELECT value FROM json_each(?)))"
-                )
-                params += [
-                    json.dumps(refs),
-                    json.dumps([f"ref:{ref}" for ref in refs]),
-                    json.dumps(contact_ids),
-                ]
-            where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-            rows = conn.execute(
-                f"SELECT * FROM changes {where} ORDER BY seq LIMIT ?",  # noqa: S608 - fixed clauses
-                (*params, limit),
-            ).fetchall()
-            return [Change.from_row(row) for row in rows]
-
-        changes: list[Change] = await outbox.read(work)
+        store = await self._open()
+        changes = await store.list_changes(state=state, limit=limit, key=key)
         return [_entry(change, reveal=reveal) for change in changes]
 
     async def _change(self, change_id: str) -> Change:
-        outbox = await self._open()
-
-        def work(conn: sqlite3.Connection) -> Change | None:
-            row = conn.execute("SELECT * FROM changes WHERE change_id = ?", (change_id,)).fetchone()
-            return None if row is None else Change.from_row(row)
-
-        change: Change | None = await outbox.read(work)
+        store = await self._open()
+        change = await store.get_change(change_id)
         if change is None:
             # Echo only what is shaped like a change id: a pasted email must not reach a log.
             shown = change_id if is_change_id(change_id) else "with that id"
@@ -261,37 +217,12 @@ class OutboxAdmin:
         change = await self._change(change_id)
         if change.state not in {State.DEAD, State.PENDING}:
             raise ValueError(f"change {change_id} is {change.state}; only dead or pending ones")
-        outbox = await self._open()
-        now = outbox.clock()
-
-        def work(conn: sqlite3.Connection) -> None:
-            _revive(conn, change.seq, now)
-            if change.operation is Operation.CREATE and change.contact_id is None:
-                for (seq,) in conn.execute(
-                    "SELECT seq FROM changes WHERE contact_key = ? AND state = 'dead' "
-                    "AND error_code = 'CreateDead'",
-                    (change.contact_key,),
-                ).fetchall():
-                    _revive(conn, seq, now)
-
-        await outbox.write(work)
+        await (await self._open()).requeue(change)
         return await self.show(change_id)
 
     async def requeue_dead(self) -> int:
         """Requeue every dead change; how many."""
-        outbox = await self._open()
-        now = outbox.clock()
-
-        def work(conn: sqlite3.Connection) -> int:
-            cursor = conn.execute(
-                "UPDATE changes SET state = 'pending', next_attempt_at = ?, attempts = 0, "
-                "error_code = NULL, last_error = NULL, updated_at = ? WHERE state = 'dead'",
-                (now, now),
-            )
-            return cursor.rowcount
-
-        count: int = await outbox.write(work)
-        return count
+        return await (await self._open()).requeue_dead()
 
     async def discard(self, change_id: str, reason: str) -> OutboxEntry:
         """Give up on a waiting change: it is dead-lettered with `reason` and never sent.
@@ -307,41 +238,14 @@ class OutboxAdmin:
         change = await self._change(change_id)
         if change.state not in {State.PENDING, State.WAITING_GUID, State.DEAD}:
             raise ValueError(f"change {change_id} is {change.state}; it cannot be discarded")
-        outbox = await self._open()
-        now = outbox.clock()
-        message = scrub(f"discarded: {reason}")
-
-        def work(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE changes SET state = 'dead', error_code = 'Discarded', last_error = ?, "
-                "updated_at = ? WHERE seq = ?",
-                (message, now, change.seq),
-            )
-            if change.operation is Operation.CREATE and change.contact_id is None:
-                conn.execute(
-                    "UPDATE changes SET state = 'dead', error_code = 'CreateDead', "
-                    "last_error = ?, updated_at = ? WHERE contact_key = ? AND seq > ? "
-                    "AND state IN ('pending', 'waiting_guid')",
-                    (f"its create {change.change_id} was discarded", now, change.contact_key,
-                     change.seq),
-                )  # fmt: skip
-
-        await outbox.write(work)
+        await (await self._open()).discard(change, reason)
         return await self.show(change_id)
 
     async def export(self, path: str | os.PathLike[str]) -> int:
         """Write every change not yet done to `path` as JSON lines (with personal data; the
         file is created readable by its owner only). Returns how many.
         """
-        outbox = await self._open()
-
-        def work(conn: sqlite3.Connection) -> list[Change]:
-            rows = conn.execute(
-                "SELECT * FROM changes WHERE state != 'done' ORDER BY seq"
-            ).fetchall()
-            return [Change.from_row(row) for row in rows]
-
-        changes: list[Change] = await outbox.read(work)
+        changes = await (await self._open()).open_changes()
         target = Path(path)
         fd = os.open(target, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
         # O_CREAT's mode applies to a new file only; one that was there keeps its own.
@@ -352,37 +256,3 @@ class OutboxAdmin:
                 record["created_at"] = record["created_at"].isoformat()
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
         return len(changes)
-
-
-def _contact_of(conn: sqlite3.Connection, key: str) -> tuple[list[str], list[str]]:
-    """The refs and GUIDs the outbox knows for the contact `key` names (a ref, a GUID, or a
-    key value such as an email).
-    """
-    if is_ref(key):
-        return [key], []
-    if is_contact_id(key):
-        return [], [key.lower()]
-    conn.create_function("ea_identity_matches", 2, identity_matches, deterministic=True)
-    creates = conn.execute(
-        "SELECT ref, contact_id FROM changes WHERE operation = 'create' "
-        "AND identity IS NOT NULL AND ea_identity_matches(identity, ?)",
-        (key,),
-    ).fetchall()
-    known = conn.execute(
-        "SELECT contact_id FROM identities WHERE key LIKE 'key:%' AND ea_identity_matches(key, ?)",
-        (key,),
-    ).fetchall()
-    refs = sorted({row["ref"] for row in creates if row["ref"]})
-    contact_ids = sorted(
-        {row["contact_id"] for row in creates if row["contact_id"]}
-        | {row["contact_id"] for row in known}
-    )
-    return refs, contact_ids
-
-
-def _revive(conn: sqlite3.Connection, seq: int, now: float) -> None:
-    conn.execute(
-        "UPDATE changes SET state = 'pending', next_attempt_at = ?, attempts = 0, "
-        "error_code = NULL, last_error = NULL, updated_at = ? WHERE seq = ?",
-        (now, now, seq),
-    )

@@ -1,10 +1,11 @@
 """Shared fixtures: a FakeEngage over real sockets, a config pointing at it, a session.
 
-Also the aioresponses shim. aioresponses 0.7.9 builds ClientResponse objects without the
-`stream_writer` argument that aiohttp 3.14 requires (upstream issue #289, fixed but not
-released), so every mocked request fails. The subclass below supplies a writer that reports
-nothing written; drop it once aioresponses releases the fix. We do not cap aiohttp below 3.14:
-that release carries security fixes.
+Helpers that test modules import live in tests/helpers.py. Also here: the aioresponses shim.
+aioresponses 0.7.9 builds ClientResponse objects without the `stream_writer` argument that
+aiohttp 3.14 requires (upstream issue #289, fixed but not released), so every mocked request
+fails. The subclass below supplies a writer that reports nothing written; drop it once
+aioresponses releases the fix. We do not cap aiohttp below 3.14: that release carries
+security fixes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import aioresponses.core
 import pytest
 from aiohttp import ClientResponse
+from helpers import make_config
 
 import engage_async as ea
 from engage_async.testing import FakeEngage
@@ -34,26 +36,6 @@ class _ShimResponse(ClientResponse):
 
 # Harmless once fixed upstream: it only fills in the argument when aioresponses leaves it out.
 aioresponses.core.ClientResponse = _ShimResponse  # type: ignore[misc]
-
-USER_AGENT = "EngageAsyncTests/1.0"
-
-
-def make_config(base_url: str, api_key: str, tmp_path: Path, **overrides: Any) -> ea.EngageConfig:
-    """A config for tests: quick retries, a short deadline, an outbox under `tmp_path`."""
-    values: dict[str, Any] = {
-        "base_url": base_url,
-        "api_key": api_key,
-        "user_agent": USER_AGENT,
-        "outbox_path": tmp_path / "outbox.sqlite3",
-        "xml_dir": tmp_path / "xml",
-        "interactive_deadline": 1.0,
-        "retry_initial_delay": 0.01,
-        "retry_max_delay": 0.05,
-        "rate_limit": 1000.0,
-        "identity_ttl": 0.0,
-    }
-    values.update(overrides)
-    return ea.EngageConfig(**values)
 
 
 @pytest.fixture(name="fake")

@@ -12,12 +12,12 @@ from typing import Any
 
 import attrs
 import pytest
+from helpers import FakeClock
 
 import engage_async as ea
 from engage_async._changes import Change, NewChange, Operation
 from engage_async._keys import contact_key, new_ref
-from engage_async._outbox import Outbox
-from engage_async._replay_queue import ReplayQueue
+from engage_async._outbox import SqliteOutbox as Outbox
 from engage_async.testing import FakeEngage
 
 GUID = "2e40b702-2767-4abe-ae99-aa510108e22b"
@@ -74,7 +74,6 @@ class Spool:
     """
 
     outbox: Outbox
-    queue: ReplayQueue
 
     async def add(self, change: NewChange) -> str:
         """Enqueue `change` as a row of its own; its change id."""
@@ -84,15 +83,9 @@ class Spool:
 
     async def row(self, change_id: str) -> Change:
         """The row of `change_id` as it is now."""
-
-        def work(conn: Any) -> Change:
-            found = conn.execute(
-                "SELECT * FROM changes WHERE change_id = ?", (change_id,)
-            ).fetchone()
-            return Change.from_row(found)
-
-        result: Change = await self.outbox.read(work)
-        return result
+        found = await self.outbox.get_change(change_id)
+        assert found is not None
+        return found
 
     async def seq(self, change_id: str) -> int:
         """The outbox seq of `change_id`."""
@@ -102,19 +95,19 @@ class Spool:
         self, change_id: str, code: str = "ValidationError", message: str = "422: email"
     ) -> None:
         """Dead-letter a change the way a flusher does when Engage rejects it for good."""
-        await self.queue.bury({await self.seq(change_id): (code, message)})
+        await self.outbox.bury({await self.seq(change_id): (code, message)})
 
     async def finish(self, change_id: str) -> None:
         """Mark a change done, as when Engage applied it."""
-        await self.queue.finish([await self.seq(change_id)])
+        await self.outbox.finish([await self.seq(change_id)])
 
     async def wait_for_guid(self, change_id: str) -> None:
         """Put a create in waiting_guid, as after an XML export."""
-        await self.queue.exported([], [await self.seq(change_id)], "20240101000000_1_contacts.xml")
+        await self.outbox.exported([], [await self.seq(change_id)], "20240101000000_1_contacts.xml")
 
     async def claim_all(self) -> list[str]:
         """Lease every due change as a flusher would; their change ids."""
-        claimed = await self.queue.claim(limit=1000, lease_seconds=300.0)
+        claimed = await self.outbox.claim("tests", limit=1000, lease_seconds=300.0)
         return [change.change_id for change in claimed]
 
     async def postpone(self, change_id: str) -> None:
@@ -122,10 +115,10 @@ class Spool:
         claimed = await self.claim_all()
         assert change_id in claimed
         others = [await self.seq(other) for other in claimed if other != change_id]
-        await self.queue.release(
-            [await self.seq(change_id)], not_before=time.time() + 86400.0, count_attempt=True
+        await self.outbox.release(
+            "tests", [await self.seq(change_id)], delay=86400.0, count_attempt=True
         )
-        await self.queue.release(others, not_before=time.time())
+        await self.outbox.release("tests", others)
 
 
 @pytest.fixture(name="outbox_path")
@@ -135,29 +128,27 @@ def outbox_path_fixture(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(name="clock")
-def clock_fixture() -> list[float | None]:
-    """The spool's wall clock: clock[0] is now when set, else the real time."""
-    return [None]
+def clock_fixture() -> FakeClock:
+    """The spool's clock, starting at the real time (the admin reads the real one)."""
+    return FakeClock(wall=time.time())
 
 
 @pytest.fixture(name="spool")
-async def spool_fixture(outbox_path: Path, clock: list[float | None]) -> AsyncIterator[Spool]:
+async def spool_fixture(outbox_path: Path, clock: FakeClock) -> AsyncIterator[Spool]:
     """An open outbox at `outbox_path` to put changes into."""
-
-    def now() -> float:
-        return time.time() if clock[0] is None else clock[0]
-
-    outbox = await Outbox.open(outbox_path, clock=now)
+    outbox = await Outbox.open(outbox_path, clock=clock)
     try:
-        yield Spool(outbox, ReplayQueue(outbox, "tests"))
+        yield Spool(outbox)
     finally:
         await outbox.close()
 
 
 @pytest.fixture(name="admin")
-async def admin_fixture(spool: Spool, outbox_path: Path) -> AsyncIterator[ea.OutboxAdmin]:
-    """An OutboxAdmin on the spool's outbox."""
-    async with ea.OutboxAdmin(outbox_path) as admin:
+async def admin_fixture(
+    spool: Spool, outbox_path: Path, clock: FakeClock
+) -> AsyncIterator[ea.OutboxAdmin]:
+    """An OutboxAdmin on the spool's outbox, on the spool's clock."""
+    async with ea.OutboxAdmin(outbox_path, clock=clock) as admin:
         yield admin
 
 
@@ -236,17 +227,17 @@ async def test_stats_counts_every_state(spool: Spool, admin: ea.OutboxAdmin) -> 
 
 
 async def test_stats_oldest_pending_age_ignores_dead_and_done(
-    spool: Spool, admin: ea.OutboxAdmin, clock: list[float | None]
+    spool: Spool, admin: ea.OutboxAdmin, clock: FakeClock
 ) -> None:
     """oldest_pending_age is the age of the oldest change still waiting, in seconds."""
-    start = time.time()
-    clock[0] = start - 7200
+    clock.jump_wall(-7200)
     await spool.kill(await spool.add(create("dead@example.com")))
     await spool.finish(await spool.add(create("done@example.com")))
-    clock[0] = start - 3600
+    clock.jump_wall(3600)
     await spool.add(create("waiting@example.com"))
-    clock[0] = start - 60
+    clock.jump_wall(3540)
     await spool.add(create("newer@example.com"))
+    clock.jump_wall(60)
 
     age = (await admin.stats()).oldest_pending_age
 
@@ -254,10 +245,14 @@ async def test_stats_oldest_pending_age_ignores_dead_and_done(
     assert 3600 <= age < 3600 + 300
 
 
-async def test_stats_shows_a_pause_in_the_future(spool: Spool, admin: ea.OutboxAdmin) -> None:
+async def test_stats_shows_a_pause_in_the_future(
+    spool: Spool, admin: ea.OutboxAdmin, clock: FakeClock
+) -> None:
     """A flushers' pause that has not run out is shown with its end and reason."""
-    until = time.time() + 600
-    await spool.queue.set_pause(until, "EngageUnavailable: GET /api/v3/contacts/id", 2)
+    until = clock.wall() + 600
+    await spool.outbox.set_pause(
+        delay=600, reason="EngageUnavailable: GET /api/v3/contacts/id", outages=2
+    )
 
     stats = await admin.stats()
 
@@ -267,7 +262,7 @@ async def test_stats_shows_a_pause_in_the_future(spool: Spool, admin: ea.OutboxA
 
 async def test_stats_hides_a_pause_that_ran_out(spool: Spool, admin: ea.OutboxAdmin) -> None:
     """A pause whose end has passed is no pause."""
-    await spool.queue.set_pause(time.time() - 60, "EngageUnavailable", 1)
+    await spool.outbox.set_pause(delay=-60, reason="EngageUnavailable", outages=1)
 
     stats = await admin.stats()
 
@@ -280,10 +275,10 @@ async def test_stats_counts_batches_in_flight(spool: Spool, admin: ea.OutboxAdmi
     ids = [await spool.add(create(f"c{n}@example.com")) for n in range(3)]
     await spool.claim_all()
     for batch, change_id in zip(("b1", "b2", "b3"), ids, strict=True):
-        await spool.queue.submitted(
+        await spool.outbox.submit_batch(
             batch, Operation.CREATE, "Member", [await spool.seq(change_id)], first_poll=0.0
         )
-    await spool.queue.batch_finished("b2", {"status": "Finished"}, failed={}, resend=[])
+    await spool.outbox.settle_batch("b2", {"status": "Finished"}, failed={}, resend=[])
 
     stats = await admin.stats()
 
@@ -306,11 +301,9 @@ async def test_list_returns_changes_oldest_first(spool: Spool, admin: ea.OutboxA
     assert ["pending", "done", "dead", "pending"] == [entry.state for entry in entries]
 
 
-async def test_list_entry_fields(
-    spool: Spool, admin: ea.OutboxAdmin, clock: list[float | None]
-) -> None:
+async def test_list_entry_fields(spool: Spool, admin: ea.OutboxAdmin, clock: FakeClock) -> None:
     """An entry tells the change's id, operation, state, contact, type, attempts, error, time."""
-    clock[0] = 1_700_000_000.25
+    clock.jump_wall(1_700_000_000.25 - clock.wall())
     change = create("anna@example.com")
     change_id = await spool.add(change)
     await spool.kill(change_id, "ValidationError", "422 ValidationError: email")
@@ -545,7 +538,7 @@ async def test_show_unknown_change_raises_change_not_found(admin: ea.OutboxAdmin
 
 
 async def test_requeue_makes_a_dead_change_pending_and_due_now(
-    spool: Spool, admin: ea.OutboxAdmin
+    spool: Spool, admin: ea.OutboxAdmin, clock: FakeClock
 ) -> None:
     """A requeued dead change is pending, with no attempts and no error code, due now."""
     change_id = await spool.add(create("anna@example.com"))
@@ -558,7 +551,7 @@ async def test_requeue_makes_a_dead_change_pending_and_due_now(
     row = await spool.row(change_id)
     assert ("pending", 0, None) == (entry.state, entry.attempts, entry.error_code)
     assert ("pending", 0, None) == (str(row.state), row.attempts, row.error_code)
-    assert row.next_attempt_at <= time.time()
+    assert row.next_attempt_at <= clock.wall()
     assert [change_id] == await spool.claim_all()
 
 

@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import socket
-import sqlite3
 import stat
 import sys
 import time
@@ -25,11 +24,10 @@ from pathlib import Path
 import aiohttp
 import attrs
 import pytest
-from conftest import USER_AGENT, make_config
+from helpers import USER_AGENT, FakeClock, make_config
 
 import engage_async as ea
-from engage_async._outbox import Outbox
-from engage_async._replay_queue import ReplayQueue
+from engage_async._outbox import SqliteOutbox
 from engage_async._xmlfiles import build_contact, write_file
 from engage_async.cli import main
 from engage_async.testing import FakeEngage
@@ -208,17 +206,11 @@ async def rows_fixture(fake: FakeEngage, config: ea.EngageConfig) -> Rows:
     changes = [change_id for change_id in ids if change_id is not None]
     assert queued.ref is not None
     assert 4 == len(changes)
-    outbox = await Outbox.open(config.outbox_path)
+    outbox = await SqliteOutbox.open(config.outbox_path)
     try:
-        queue = ReplayQueue(outbox, "tests")
-
-        def seqs(conn: sqlite3.Connection) -> dict[str, int]:
-            rows = conn.execute("SELECT change_id, seq FROM changes").fetchall()
-            return {row[0]: row[1] for row in rows}
-
-        seq = await outbox.read(seqs)
-        await queue.bury({seq[changes[1]]: ("ValidationError", "422 ValidationError: email")})
-        await queue.finish([seq[changes[3]]])
+        seq = {change_id: (await outbox.get_change(change_id)).seq for change_id in changes}  # type: ignore[union-attr]
+        await outbox.bury({seq[changes[1]]: ("ValidationError", "422 ValidationError: email")})
+        await outbox.finish([seq[changes[3]]])
     finally:
         await outbox.close()
     return Rows(
@@ -268,10 +260,11 @@ async def test_outbox_stats_reads_engage_outbox(
 
 async def test_outbox_stats_shows_a_pause(rows: Rows, capsys: pytest.CaptureFixture[str]) -> None:
     """A flushers' pause in force is printed with its end (UTC) and reason."""
-    until = time.time() + 3600
-    outbox = await Outbox.open(rows.path)
+    clock = FakeClock(wall=time.time())
+    until = clock.wall() + 3600
+    outbox = await SqliteOutbox.open(rows.path, clock=clock)
     try:
-        await ReplayQueue(outbox, "tests").set_pause(until, "EngageUnavailable: outage", 3)
+        await outbox.set_pause(delay=3600, reason="EngageUnavailable: outage", outages=3)
     finally:
         await outbox.close()
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from engage_async._outbox import Outbox
+from engage_async._outbox import SqliteOutbox as Outbox
 
 SCRIPT = Path(__file__).parent / "scripts" / "queue_until_killed.py"
 # How long the child may take to print what we wait for before the test gives up on it.
@@ -119,7 +119,7 @@ async def test_outbox_opens_cleanly_after_a_kill(tmp_path: Path, refused_url: st
             rows = conn.execute("SELECT change_id, state FROM changes").fetchall()
             return check, {row[0] for row in rows}, {row[1] for row in rows}
 
-        check, ids, states = await opened.read(inspect)
+        check, ids, states = await opened._read(inspect)
     finally:
         await opened.close()
 

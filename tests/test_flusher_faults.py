@@ -36,8 +36,7 @@ from test_flusher import (
 
 import engage_async as ea
 from engage_async import _xmlfiles
-from engage_async._outbox import Outbox
-from engage_async._replay_queue import ReplayQueue
+from engage_async._outbox import SqliteOutbox as Outbox
 from engage_async.testing import FakeEngage
 
 XML_NAME = re.compile(r"\d{14}_\d+_contacts\.xml")
@@ -545,7 +544,8 @@ async def test_xml_mode_sends_no_write_through_the_api(fake: FakeEngage, tmp_pat
     the creates' GUIDs are reconciled and the changes queued on their refs follow as XML
     updates keyed by contactId.
     """
-    config = flusher_config(fake, tmp_path, fallback_mode="xml")
+    # One lookup per waiting create and flush: the next is half a minute away.
+    config = flusher_config(fake, tmp_path, fallback_mode="xml", background_delays=(30.0,))
     existing = fake.add_contact({"email": "xmlknown@example.com"})
     async with ea.EngageSession(config) as engage:
         await fake.go_down()
@@ -757,7 +757,7 @@ async def test_a_create_reclaimed_after_its_flusher_died_is_looked_up_first(
 
     outbox = await Outbox.open(config.outbox_path)
     try:
-        [claimed] = await ReplayQueue(outbox, "doomed:1").claim(limit=10, lease_seconds=0.2)
+        [claimed] = await outbox.claim("doomed:1", limit=10, lease_seconds=0.2)
     finally:
         await outbox.close()
     assert not claimed.lookup_first

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_config
+from helpers import make_config
 
 import engage_async as ea
-from engage_async._outbox import Outbox
+from engage_async._outbox import SqliteOutbox as Outbox
 from engage_async._schema import APPLICATION_ID, MIGRATIONS
 from engage_async.testing import FakeEngage
 
@@ -74,7 +74,7 @@ async def opened(path: Path, **options: Any) -> AsyncIterator[Outbox]:
 
 async def own_pragma(outbox: Outbox, name: str) -> Any:
     """A PRAGMA's value on the Outbox's own connection."""
-    return await outbox.read(lambda conn: conn.execute(f"PRAGMA {name}").fetchone()[0])
+    return await outbox._read(lambda conn: conn.execute(f"PRAGMA {name}").fetchone()[0])
 
 
 def make_foreign_database(path: Path, *, with_tables: bool) -> None:

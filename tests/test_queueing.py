@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import make_config
+from helpers import make_config
 
 import engage_async as ea
 from engage_async.testing import FakeEngage

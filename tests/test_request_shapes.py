@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from aioresponses import aioresponses
-from conftest import USER_AGENT, make_config
+from helpers import USER_AGENT, make_config
 from yarl import URL
 
 import engage_async as ea

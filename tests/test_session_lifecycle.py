@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import attrs
 import pytest
-from conftest import USER_AGENT, make_config
+from helpers import USER_AGENT, make_config
 
 import engage_async as ea
 from engage_async.testing import FakeEngage

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_config
+from helpers import make_config
 
 import engage_async as ea
 from engage_async.testing import FakeEngage

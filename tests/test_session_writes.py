@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_config
+from helpers import make_config, outbox_rows
 
 import engage_async as ea
 from engage_async.testing import FakeEngage, RecordedRequest
@@ -440,16 +440,22 @@ async def test_create_rate_limited_with_retry_after_is_sent_again(
     assert False is delivery.queued
 
 
-async def test_create_answer_with_a_malformed_id(
-    fake: FakeEngage, session: ea.EngageSession
+@pytest.mark.parametrize("body", [{"id": "not-a-guid"}, None], ids=["malformed-id", "empty"])
+async def test_create_answer_without_a_readable_id_is_resolved_by_lookup(
+    fake: FakeEngage, session: ea.EngageSession, body: object
 ) -> None:
-    """A 201 whose contact id is not a GUID is `UnexpectedResponse` (an `EngageError`), as a
-    201 without an id is, not a bare `ValueError`.
+    """A 201 whose body names no readable contact id (a malformed id, or no body at all) says
+    the contact was made but not which it is: the session looks it up by its key instead of
+    raising, and queues the create, marked to be looked up first, when the lookup finds
+    nothing.
     """
-    fake.inject("status", method="POST", status=201, body={"id": "not-a-guid"})
+    fake.inject("status", method="POST", status=201, body=b"" if body is None else body, times=1)
 
-    with pytest.raises(ea.UnexpectedResponse):
-        await session.create_contact({"email": "anna@example.com"})
+    delivery = await session.create_contact({"email": "anna@example.com"})
+
+    lookups = fake.requests_to("GET", "/api/v3/contacts/id")
+    assert (True, 2) == (delivery.queued, len(lookups))
+    assert [1] == [row["lookup_first"] for row in outbox_rows(session.config.outbox_path)]
 
 
 async def test_create_refused_with_422_is_raised_not_queued(

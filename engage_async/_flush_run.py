@@ -1,0 +1,134 @@
+"""One flush's shared state and books: what the flusher's parts settle, and how it went.
+
+Every part of a flush (the sender, the batch follower, the reconciler, the XML export) settles
+rows through a `FlushRun`, which writes the transition to the outbox and keeps the books in
+step with it: the rows this flusher still holds (given back if the flush stops), the counts
+that become the `FlushReport`, and whether Engage answered in the current step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from ._changes import Change
+from ._models import FlushReport
+from ._store import Failures, OutboxStore
+
+__all__ = ["FlushRun"]
+
+log = logging.getLogger(__name__)
+
+_COUNTED = tuple(field.name for field in attrs.fields(FlushReport) if field.name != "pending")
+
+
+class FlushRun:
+    """The state of one `flush_once`, shared by the parts that do its steps."""
+
+    def __init__(self, store: OutboxStore, owner: str) -> None:
+        self.store = store
+        self.owner = owner
+        self.counts = dict.fromkeys(_COUNTED, 0)
+        # Claimed and not yet settled: given back as pending if the flush stops early.
+        self.held: set[int] = set()
+        # Engage took a write (applied it, or rejected it for a reason of its own) in this
+        # step. Lookups do not count: during a write outage GETs may still be answered.
+        self.served = False
+        self.answered = False  # Engage answered any call in this step
+        # The due backlog reached bulk_threshold: the bulk endpoints are used until it is
+        # drained, the last few changes included. Changes that become due later (released
+        # after a GUID was found) are a new backlog, judged on their own.
+        self.bulk_backlog = False
+
+    def new_step(self) -> None:
+        """A step begins: nothing is known yet about Engage in it."""
+        self.served = self.answered = False
+
+    def count(self, name: str, number: int = 1) -> None:
+        """Add to one of the report's counts."""
+        self.counts[name] += number
+
+    def report(self, pending: int) -> FlushReport:
+        """The counts so far, with `pending` changes left."""
+        return FlushReport(**self.counts, pending=pending)
+
+    async def engage_answered(self, *, write: bool) -> None:
+        """Engage answered a call: a pause after an earlier outage is over."""
+        if write:
+            self.served = True
+        if self.answered:
+            return
+        self.answered = True
+        if await self.store.pause() is not None:
+            await self.store.clear_pause()
+
+    # --- settling rows -------------------------------------------------------------------------
+
+    def hold(self, changes: Iterable[Change]) -> None:
+        """Rows this flush claimed."""
+        self.held.update(change.seq for change in changes)
+
+    def let_go(self, seqs: Iterable[int]) -> None:
+        """Rows that are no longer this flush's to give back (settled, or in a batch)."""
+        self.held.difference_update(seqs)
+
+    async def finish(self, changes: Iterable[Change]) -> None:
+        """Engage applied these."""
+        seqs = [change.seq for change in changes]
+        await self.store.finish(seqs)
+        self.let_go(seqs)
+
+    async def bury(self, failures: Failures) -> None:
+        """Engage rejected these for good (their dependents die with a create)."""
+        if not failures:
+            return
+        self.count("dead", await self.store.bury(failures))
+        self.let_go(failures)
+        log.warning("dead-lettered %d change(s): %s", len(failures), _codes(failures))
+
+    async def release(
+        self,
+        changes: Sequence[Change],
+        *,
+        delay: float = 0.0,
+        count_attempt: bool = False,
+        error: str | None = None,
+        send_alone: bool = False,
+    ) -> None:
+        """Give rows back as pending, due again in `delay` seconds."""
+        seqs = [change.seq for change in changes]
+        await self.store.release(
+            self.owner,
+            seqs,
+            delay=delay,
+            count_attempt=count_attempt,
+            error=error,
+            send_alone=send_alone,
+        )
+        self.let_go(seqs)
+
+    async def release_held(self) -> None:
+        """Give back every row claimed but not settled (the flush stopped mid-step)."""
+        if not self.held:
+            return
+        held, self.held = list(self.held), set()
+        await self.store.release(self.owner, held)
+
+    async def created(self, change: Change, contact_id: str) -> None:
+        """The create exists on Engage as `contact_id`."""
+        await self.store.record_guid(change.seq, contact_id)
+        self.let_go([change.seq])
+
+    async def became_update(self, change: Change, contact_id: str, body: Mapping[str, Any]) -> None:
+        """The create's contact exists and must still get `body`: the row is an update now."""
+        await self.store.create_became_update(change, contact_id, body)
+
+
+def _codes(failures: Failures) -> str:
+    counts: dict[str, int] = {}
+    for code, _ in failures.values():
+        counts[code or "unknown"] = counts.get(code or "unknown", 0) + 1
+    return ", ".join(f"{code} x{n}" for code, n in sorted(counts.items()))

@@ -1,0 +1,391 @@
+"""Sending claimed changes: which way each goes (a pure decision), and sending it that way.
+
+`route` decides, for the changes one step claimed: contact-type changes and changes that must
+go alone through the single endpoints; creates and updates through ``POST/PATCH
+/contacts/bulk``; or, in XML mode (and once Engage refuses the bulk API), creates and updates
+into XML import files and contact-type changes to the dead letters (they have no XML form).
+
+`Sender` carries it out. Creates marked "look up first" are looked up by key before anything
+is sent; one whose contact exists is finished, or turned into an update of it.
+
+A 5xx counts against a change only when Engage took other writes in the same step (lookups
+answering prove nothing about writes), so one poisonous change is isolated while an outage
+is not; a change already isolated that fails alone counts it too, so it ends dead instead of
+pausing everyone for ever. Rejections (400, 404, 422) dead-letter the change with Engage's
+reason.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import attrs
+
+from . import _http
+from ._background import BackgroundCalls, Outage, multiple_matches
+from ._changes import Change, Operation
+from ._config import EngageConfig
+from ._create_policy import (
+    CreateOutcome,
+    contact_id_in,
+    create_outcome,
+    update_for_existing,
+    without_type,
+)
+from ._errors import (
+    ContactNotFound,
+    EngageAuthError,
+    EngageHTTPError,
+    EngageServerError,
+    EngageValidationError,
+    InvalidRequest,
+    MultipleMatches,
+    RateLimited,
+)
+from ._flush_run import FlushRun
+from ._keys import contact_key
+from ._retry import background_delay
+from ._xml_export import XmlExport
+
+__all__ = ["Routes", "Sender", "route"]
+
+log = logging.getLogger(__name__)
+
+# In a step with no answer from Engage yet, this many 5xx in a row mean an outage, not a
+# poisonous change.
+_SERVER_ERRORS_FOR_OUTAGE = 3
+
+
+@attrs.frozen
+class Routes:
+    """Where the changes of one step go."""
+
+    singles: tuple[Change, ...] = ()
+    bulk_creates: tuple[Change, ...] = ()
+    bulk_updates: tuple[Change, ...] = ()
+    xml_creates: tuple[Change, ...] = ()
+    xml_updates: tuple[Change, ...] = ()
+    not_in_xml: tuple[Change, ...] = ()
+
+
+def route(
+    creates: Sequence[Change],
+    updates: Sequence[Change],
+    type_changes: Sequence[Change],
+    *,
+    xml: bool,
+    bulk: bool,
+) -> Routes:
+    """Which way each change goes.
+
+    `xml`: writes leave only as XML files (XML mode, or Engage refused the bulk API).
+    `bulk`: the backlog is big enough for the bulk endpoints. Even then a change goes alone
+    when a bulk request could not settle it before (`send_alone`), and a create with options
+    (source, store, unapproved) does, since the bulk API cannot carry them.
+    """
+    if xml:
+        return Routes(
+            xml_creates=tuple(creates), xml_updates=tuple(updates), not_in_xml=tuple(type_changes)
+        )
+
+    def alone(change: Change) -> bool:
+        return not bulk or change.send_alone or bool(change.query)
+
+    return Routes(
+        singles=(*(c for c in (*creates, *updates) if alone(c)), *type_changes),
+        bulk_creates=tuple(c for c in creates if not alone(c)),
+        bulk_updates=tuple(c for c in updates if not alone(c)),
+    )
+
+
+class Sender:
+    """Sends the changes a step claimed, each the way `route` says."""
+
+    def __init__(self, config: EngageConfig, calls: BackgroundCalls, export: XmlExport) -> None:
+        self.config = config
+        self._calls = calls
+        self._export = export
+        self._root = config.api_root
+        # Once Engage refuses the bulk API for good (403/404), this flusher writes XML.
+        self.bulk_refused = False
+        # After a bulk request failed with a 5xx, send the next step's changes one by one, so
+        # a poisonous change shows itself instead of failing every batch it is in.
+        self._single_next = False
+
+    async def send(self, claimed: list[Change], run: FlushRun) -> None:
+        """Settle or send every claimed change."""
+        orphans = {
+            c.seq: ("CreateGone", "the create of its ref is no longer waiting")
+            for c in claimed
+            if c.contact_id is None and c.operation is not Operation.CREATE
+        }
+        await run.bury(orphans)
+        live = [c for c in claimed if c.seq not in orphans]
+        creates = [c for c in live if c.operation is Operation.CREATE]
+        updates = [c for c in live if c.operation is Operation.UPDATE]
+        type_changes = [
+            c for c in live if c.operation in {Operation.CONTACT_TYPE, Operation.PROMOTE}
+        ]
+        to_create, became_updates = await self._look_up_creates(creates, run)
+        routes = route(
+            to_create,
+            [*updates, *became_updates],
+            type_changes,
+            xml=self.config.fallback_mode == "xml" or self.bulk_refused,
+            bulk=run.bulk_backlog and not self._single_next,
+        )
+        self._single_next = False
+        await run.bury(
+            {
+                c.seq: ("NotInXml", "a contact-type change cannot be sent as an XML import")
+                for c in routes.not_in_xml
+            }
+        )
+        await self._export.write(list(routes.xml_creates), list(routes.xml_updates), run)
+        await self._send_singly(list(routes.singles), run)
+        await self._send_bulk(Operation.CREATE, list(routes.bulk_creates), run)
+        await self._send_bulk(Operation.UPDATE, list(routes.bulk_updates), run)
+
+    # --- creates that may exist ----------------------------------------------------------
+
+    async def _look_up_creates(
+        self, creates: list[Change], run: FlushRun
+    ) -> tuple[list[Change], list[Change]]:
+        """Split creates into those to send and those that turned into updates.
+
+        A create marked "look up first" whose contact exists is finished (its GUID recorded)
+        or, when it must still change the contact, becomes an update of it.
+        """
+        to_create: list[Change] = []
+        became_updates: list[Change] = []
+        for change in creates:
+            if not change.lookup_first:
+                to_create.append(change)
+                continue
+            try:
+                found = await self._calls.lookup(change, run)
+            except MultipleMatches as exc:
+                await run.bury({change.seq: multiple_matches(exc)})
+                continue
+            except EngageHTTPError as exc:
+                await run.bury({change.seq: (exc.error_code, str(exc))})
+                continue
+            if found is None:
+                to_create.append(change)
+                continue
+            update = await self._existing(change, found, run)
+            if update is not None:
+                became_updates.append(update)
+        return to_create, became_updates
+
+    async def _existing(self, change: Change, contact_id: str, run: FlushRun) -> Change | None:
+        """The create's contact is already on Engage: finish it, or return the update to send."""
+        body = update_for_existing(change.if_exists, change.body, change.folded)
+        run.count("reconciled")
+        if body is None:
+            await run.created(change, contact_id)
+            return None
+        await run.became_update(change, contact_id, body)
+        return attrs.evolve(
+            change,
+            operation=Operation.UPDATE,
+            contact_id=contact_id,
+            contact_key=contact_key(contact_id=contact_id),
+            body=body,
+            folded=None,
+            lookup_first=False,
+        )
+
+    # --- one by one ----------------------------------------------------------------------
+
+    def _single_call(self, change: Change) -> _http.Call:
+        body = _http.encode_json(change.body) if change.body is not None else b"{}"
+        version = self.config.api_version
+        guid = change.contact_id or ""
+        if change.operation is Operation.CREATE:
+            query = change.query
+            return _http.create_contact(
+                self._root,
+                version,
+                body,
+                source=query.get("source"),
+                store_external_id=query.get("storeExternalId"),
+                create_as_unapproved=query.get("createAsUnapproved") == "true",
+            )
+        if change.operation is Operation.UPDATE:
+            return _http.update_contact(self._root, version, guid, body)
+        if change.operation is Operation.PROMOTE:
+            return _http.promote_to_member(self._root, version, guid)
+        return _http.update_contact_type(self._root, guid, change.contact_type or "")
+
+    async def _send_singly(self, changes: list[Change], run: FlushRun) -> None:
+        """Send changes one by one through the single endpoints."""
+        server_failures: list[tuple[Change, EngageServerError]] = []
+        for change in changes:
+            try:
+                data = await self._calls.request(self._single_call(change), run, write=True)
+            except EngageServerError as exc:
+                server_failures.append((change, exc))
+                if not run.served and len(server_failures) >= _SERVER_ERRORS_FOR_OUTAGE:
+                    await self._outage_after(server_failures, run)
+                continue
+            except (RateLimited, EngageAuthError) as exc:
+                raise self._calls.outage_for(exc) from exc
+            except EngageHTTPError as exc:
+                await self._rejected(change, exc, run)
+                continue
+            run.count("sent")
+            await self._applied(change, data, run)
+        if server_failures:
+            if not run.served:
+                await self._outage_after(server_failures, run)
+            await self._count_server_failures(server_failures, run)
+
+    async def _applied(self, change: Change, data: Any, run: FlushRun) -> None:
+        if change.operation is not Operation.CREATE:
+            await run.finish([change])
+            run.count("updated")
+            return
+        guid = contact_id_in(data)
+        if guid is None:
+            # Created, but Engage did not say as whom: its lookup will tell.
+            await run.release([change], error="the create's answer held no contact id")
+            return
+        await run.created(change, guid)
+        run.count("created")
+
+    async def _rejected(self, change: Change, exc: EngageHTTPError, run: FlushRun) -> None:
+        """Engage answered no to one change: decide between dead, waiting, and existing."""
+        await run.engage_answered(write=True)
+        if change.operation is Operation.CREATE:
+            outcome = create_outcome(error=exc)
+            if outcome is CreateOutcome.EXISTS:
+                found = await self._calls.lookup(change, run)
+                if found is not None:
+                    update = await self._existing(change, found, run)
+                    if update is not None:
+                        await self._send_singly([update], run)
+                    return
+            if outcome is CreateOutcome.BEING_CREATED:
+                # Someone's create is in progress; the claim marked this one to be looked up.
+                await run.release([change], delay=self.config.background_delays[0])
+                return
+        if exc.status == 404 and not isinstance(exc, ContactNotFound):
+            # The endpoint itself is missing: not this change's fault.
+            raise Outage(str(exc), self.config.background_delays[-1])
+        if isinstance(exc, MultipleMatches):
+            await run.bury({change.seq: multiple_matches(exc)})
+            return
+        await run.bury({change.seq: (exc.error_code or f"HTTP{exc.status}", str(exc))})
+
+    async def _outage_after(
+        self, failures: list[tuple[Change, EngageServerError]], run: FlushRun
+    ) -> NoReturn:
+        """No write was taken in this step: the 5xx mean an outage, and every flusher pauses.
+
+        Only changes already suspected of being poison (they had a 5xx while Engage took other
+        writes, and are now sent alone) count it: a lone poisonous change looks exactly like an
+        outage, and without this it would pause every flusher for ever instead of ending dead.
+        """
+        suspects = [(c, exc) for c, exc in failures if c.send_alone and c.attempts > 0]
+        await self._count_server_failures(suspects, run)
+        raise Outage(str(failures[-1][1]))
+
+    async def _count_server_failures(
+        self, failures: list[tuple[Change, EngageServerError]], run: FlushRun
+    ) -> None:
+        """Engage took other writes, so these 5xx count against their changes.
+
+        Except a 504 ``RequestTimeOut``: Engage rolled the change back because it was slow,
+        which says nothing against the change.
+        """
+        dead: dict[int, tuple[str | None, str]] = {}
+        for change, exc in failures:
+            if exc.status == 504:
+                await run.release([change], delay=self.config.background_delays[0])
+                continue
+            if change.attempts + 1 >= self.config.max_attempts:
+                dead[change.seq] = (exc.error_code or f"HTTP{exc.status}", str(exc))
+            else:
+                await run.release(
+                    [change],
+                    delay=background_delay(self.config.background_delays, change.attempts),
+                    count_attempt=True,
+                    error=str(exc),
+                    send_alone=True,
+                )
+        await run.bury(dead)
+
+    # --- in bulk -------------------------------------------------------------------------
+
+    async def _send_bulk(self, kind: Operation, changes: list[Change], run: FlushRun) -> None:
+        """Send creates (grouped by contact type) or updates through the bulk endpoint."""
+        if not changes:
+            return
+
+        def contact_type(change: Change) -> str:
+            return change.contact_type or self.config.default_contact_type
+
+        groups = (
+            itertools.groupby(sorted(changes, key=contact_type), key=contact_type)
+            if kind is Operation.CREATE
+            else [(None, iter(changes))]
+        )
+        for group_type, group in groups:
+            members = list(group)
+            for start in range(0, len(members), self.config.bulk_max_items):
+                chunk = members[start : start + self.config.bulk_max_items]
+                await self._send_chunk(kind, group_type, chunk, run)
+
+    async def _send_chunk(
+        self, kind: Operation, contact_type: str | None, chunk: list[Change], run: FlushRun
+    ) -> None:
+        creates = chunk if kind is Operation.CREATE else []
+        updates = chunk if kind is Operation.UPDATE else []
+        if self.bulk_refused:  # by Engage, for an earlier chunk of this step
+            await self._export.write(creates, updates, run)
+            return
+        if kind is Operation.CREATE:
+            items = [without_type(c.body or {}) for c in chunk]
+            call = _http.bulk_create(self._root, contact_type or "", _http.encode_json(items))
+        else:
+            items = [{**(c.body or {}), "contactId": c.contact_id} for c in chunk]
+            call = _http.bulk_update(self._root, _http.encode_json(items))
+        try:
+            data = await self._calls.request(call, run, write=True)
+        except Outage:
+            self._single_next = True
+            raise
+        except EngageServerError as exc:
+            self._single_next = True
+            raise Outage(str(exc)) from exc
+        except (InvalidRequest, EngageValidationError) as exc:
+            # The request as a whole was refused: one by one, each change gets its own answer.
+            log.warning(
+                "bulk request refused (%s); sending %d change(s) one by one", exc, len(chunk)
+            )
+            await run.release(chunk, send_alone=True)
+            return
+        except EngageHTTPError as exc:
+            if exc.status in {403, 404}:
+                log.warning("Engage refuses the bulk API (%s); writing XML files instead", exc)
+                self.bulk_refused = True
+                await self._export.write(creates, updates, run)
+                return
+            raise self._calls.outage_for(exc) from exc
+        batch_id = _http.read_batch_id(data)
+        if batch_id is None:
+            # Accepted, but with nothing to follow: the changes' fate is unknown, so each is
+            # sent again on its own (creates are looked up first).
+            await run.release(chunk, send_alone=True, error="bulk answer held no batch id")
+            return
+        seqs = [c.seq for c in chunk]
+        await run.store.submit_batch(
+            batch_id, kind, contact_type, seqs, first_poll=self.config.batch_poll_initial
+        )
+        run.let_go(seqs)
+        run.count("sent", len(chunk))
+        log.info("batch %s submitted: %d %s(s)", batch_id, len(chunk), kind)
