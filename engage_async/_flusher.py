@@ -29,6 +29,7 @@ from typing import Any, Self
 
 from ._background import BackgroundCalls, Outage
 from ._batches import BatchFollower
+from ._budget import Priority
 from ._clock import SYSTEM_CLOCK, Clock, wait_for_event
 from ._config import EngageConfig
 from ._errors import EngageAuthError, OutboxError, UnexpectedResponse
@@ -72,7 +73,7 @@ class OutboxFlusher:
         self.config = config
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._clock = clock
-        self._transport = Transport(config, http)
+        self._transport = Transport(config, http, priority=Priority.BACKGROUND, clock=clock)
         calls = BackgroundCalls(config, self._transport)
         self._batches = BatchFollower(config, calls)
         self._reconciler = Reconciler(config, calls)

@@ -112,7 +112,7 @@ class EngageSession:
             raise TypeError("config: must be an EngageConfig")
         self.config = config
         self._clock = clock
-        self._transport = Transport(config, http)
+        self._transport = Transport(config, http, clock=clock)
         self._outbox: OutboxStore | None = None
         self._lifecycle = Lifecycle("EngageSession")
         self._breaker = CircuitBreaker(

@@ -1,6 +1,7 @@
 """The one place that touches aiohttp: send a `Call`, get (status, headers, body) back.
 
-It sets the headers Engage requires on every request, keeps under the rate limit, and turns
+It sets the headers Engage requires on every request, draws each request from the API key's
+shared budget (`_budget`), and turns
 aiohttp's exceptions into ours, telling "the request never left" (safe to send again) from
 "it may have been applied". Everything above it (the session, the flusher) speaks only in
 `Call`s and engage-async's exceptions.
@@ -10,14 +11,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from pathlib import Path
 
 import aiohttp
 from yarl import URL
 
+from ._budget import Budget, Priority
+from ._clock import SYSTEM_CLOCK, Clock
 from ._config import EngageConfig
-from ._errors import EngageConnectionError, EngageTimeout
+from ._errors import EngageConnectionError, EngageTimeout, OutboxError
 from ._http import Call
-from ._ratelimit import RateLimiter
 
 __all__ = ["Transport"]
 
@@ -27,11 +30,21 @@ Answer = tuple[int, Mapping[str, str], bytes]
 class Transport:
     """Sends calls to one Engage tenant over an aiohttp session (its own, or one lent to it)."""
 
-    def __init__(self, config: EngageConfig, http: aiohttp.ClientSession | None = None) -> None:
+    def __init__(
+        self,
+        config: EngageConfig,
+        http: aiohttp.ClientSession | None = None,
+        *,
+        priority: Priority = Priority.INTERACTIVE,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
         self._http = http
         self._owns_http = http is None
+        self._config = config
         self._base = config.base_url
-        self._limiter = RateLimiter(config.rate_limit)
+        self._priority = priority
+        self._clock = clock
+        self._budget: Budget | None = None
         self._headers = {
             "apikey": config.api_key,
             "User-Agent": config.user_agent,
@@ -44,12 +57,33 @@ class Transport:
         return f"<Transport {self._base}>"
 
     def open(self) -> None:
-        """Create the aiohttp session if none was lent (needs a running event loop)."""
+        """Join the key's budget and create the aiohttp session if none was lent (needs a
+        running event loop).
+
+        Raises:
+            OutboxError: the budget file beside the outbox cannot be opened.
+        """
+        path = budget_path(self._config.outbox_path)
+        try:
+            self._budget = Budget.shared(
+                base_url=self._base,
+                api_key=self._config.api_key,
+                rate=self._config.rate_limit,
+                store_path=path,
+                clock=self._clock,
+            )
+        except OSError as exc:
+            raise OutboxError(
+                f"cannot open the rate budget at {path}: {type(exc).__name__}: {exc}"
+            ) from None
         if self._http is None:
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
 
     async def close(self) -> None:
-        """Close the aiohttp session if this transport made it."""
+        """Leave the budget; close the aiohttp session if this transport made it."""
+        if self._budget is not None:
+            self._budget.release_user()
+            self._budget = None
         if self._owns_http and self._http is not None:
             await self._http.close()
 
@@ -62,25 +96,28 @@ class Transport:
             EngageTimeout: no answer in time; the request may have been applied.
             RuntimeError: the transport was never opened.
         """
-        if self._http is None:
+        if self._http is None or self._budget is None:
             raise RuntimeError("the transport is not open")
-        deadline = asyncio.get_running_loop().time() + timeout
-        try:
-            # Waiting for the client-side rate limit counts against the caller's time too
-            # (the timer is only set up when there is a wait).
-            if not self._limiter.try_acquire():
-                async with asyncio.timeout_at(deadline):
-                    await self._limiter.acquire()
-        except TimeoutError:
+        started = asyncio.get_running_loop().time()
+        budget = self._budget
+        # Waiting for the budget counts against the caller's time too.
+        permit = budget.try_acquire(self._priority) or await budget.acquire(
+            self._priority, within=timeout
+        )
+        if permit is None:
             raise EngageTimeout(
-                f"{call.target}: not sent, the rate limit ({self._limiter.capacity}/s) "
+                f"{call.target}: not sent, the rate budget ({budget.rate:g}/s per API key) "
                 f"left no room within {timeout:.2f} s",
                 request_sent=False,
-            ) from None
+            )
+        status = 0
         try:
-            return await self._send_admitted(call, deadline, timeout)
+            answer = await self._send_admitted(call, started + timeout, timeout)
+            status = answer[0]
         finally:
-            self._limiter.release()
+            # The slot is held until the answer (or failure): see _budget.
+            budget.release(permit, rate_limited=status == 429)
+        return answer
 
     async def _send_admitted(self, call: Call, deadline: float, timeout: float) -> Answer:
         assert self._http is not None
@@ -112,3 +149,8 @@ class Transport:
                 f"{call.target}: connection lost before the answer ({type(exc).__name__})",
                 request_sent=True,
             ) from exc
+
+
+def budget_path(outbox_path: Path) -> Path:
+    """The rate budget's file, beside the outbox (every process on the outbox shares it)."""
+    return outbox_path.with_name(outbox_path.name + ".budget")

@@ -1,0 +1,474 @@
+"""One request budget per Engage API key, shared by every session and flusher on one host.
+
+Engage counts requests per API key and asks for fewer than 50 a second. An app runs several
+workers, an in-app flusher, a sidecar, all with one key, so the budget cannot belong to an
+object or a process. It lives in a small file beside the outbox (``<outbox>.budget``), which
+every process that uses the outbox maps into memory, and where a restarted process finds it
+as the others left it.
+
+The budget is a set of *slots*, ``rate_limit`` of them per second: a request holds a slot
+from the moment it may go until its answer (or failure), and the slot is free again one
+window after that. Engage counts requests as they arrive, which we cannot observe; but a
+request that reuses a slot arrives after the earlier one's answer, and so after the earlier
+one arrived, plus a window: however late a request leaves (a new connection's handshake),
+no one-second window of arrivals holds more requests than there are slots.
+
+Interactive calls come first: the flusher may take a slot only while more than
+`INTERACTIVE_RESERVE` are free, so a till never waits behind a draining backlog.
+
+After a 429, every process slows together: the usable share of the slots (`scale`) is halved,
+and grows back slowly while answers are good (`after_good_answer`), so a `rate_limit` above
+what the tenant allows still drains.
+
+Time is the host's monotonic clock, which every process on one host shares and which never
+jumps; after a reboot it starts again, and a time stored further ahead than any legitimate
+one is treated as past. The slot rules are pure functions over a `Record`; `BudgetFile` is
+the one place that keeps records, under an exclusive `flock` held for a few microseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import logging
+import math
+import mmap
+import os
+import threading
+from array import array
+from collections.abc import Callable, Iterator, MutableSequence
+from enum import IntEnum
+from pathlib import Path
+from typing import Any, Final, Protocol, TypeVar
+
+import attrs
+
+from ._clock import Clock, wait_for_event
+
+__all__ = ["Budget", "BudgetFile", "Permit", "Priority", "Record", "Shape", "Slots", "shape"]
+
+log = logging.getLogger(__name__)
+
+# Slots the flusher leaves to interactive calls.
+INTERACTIVE_RESERVE: Final = 2
+# The most slots a key keeps; above this many requests a second the window shrinks instead.
+MAX_SLOTS: Final = 256
+# Half a percent more than the window (5 ms of a second) absorbs the clocks' and the
+# network's jitter.
+_SLACK: Final = 0.005
+# A slot held longer than this belongs to a process that died with a request out.
+_LONGEST_HOLD: Final = 600.0
+# A time this far ahead of now was written by another boot: treat it as past.
+_IMPOSSIBLE_LEAD: Final = 3600.0
+# After a 429: the share of slots in use is cut by this factor, at most once a window...
+_CUT: Final = 0.5
+_LOWEST_SCALE: Final = 0.05
+# ...and grows back by this much of the full rate per good answer, so that a full recovery
+# takes a couple of minutes of traffic.
+_RECOVERY_ANSWERS: Final = 120.0
+# When no slot can be known to free (all are held), look again this soon.
+_POLL: Final = 0.01
+
+
+class Priority(IntEnum):
+    """Who is asking: a caller waiting on an answer, or background work."""
+
+    INTERACTIVE = 0
+    BACKGROUND = 1
+
+
+@attrs.frozen
+class Shape:
+    """How a rate becomes slots: `slots` of them, each free `window` seconds after use."""
+
+    slots: int
+    window: float
+
+
+def shape(rate: float) -> Shape:
+    """The slots for `rate` requests a second: one slot per request a second, reusable a
+    second after its answer; above `MAX_SLOTS` a second, `MAX_SLOTS` slots each reusable
+    several times a second; below one a second, one slot every ``1 / rate`` seconds. Windows
+    carry `_SLACK` on top.
+    """
+    if not rate > 0:
+        raise ValueError("rate: must be greater than 0")
+    if rate < 1:
+        return Shape(1, (1.0 / rate) * (1 + _SLACK))
+    slots = min(math.floor(rate), MAX_SLOTS)
+    # Each slot may serve `uses` requests a second: their spacing keeps any one-second
+    # window at `uses` or fewer per slot, so at `rate` or fewer in all.
+    uses = math.floor(rate / slots)
+    return Shape(slots, (1.0 / uses) * (1 + _SLACK))
+
+
+class Slots(Protocol):
+    """A key's slots and pace, as every process sees them (`Record`, or a view of the file).
+
+    Each slot holds a time: ``>= 0`` it is free from then on; ``< 0`` it is held, taken at
+    ``-t - 1``. `scale` is the share of the slots in use after 429s.
+    """
+
+    slots: MutableSequence[float]
+    scale: float
+    last_cut: float
+    rate_warned: bool
+
+
+@attrs.define
+class Record:
+    """`Slots` in memory (for tests and for reasoning; the file has its own view)."""
+
+    slots: MutableSequence[float]
+    scale: float = 1.0
+    last_cut: float = -math.inf
+    rate_warned: bool = False
+
+
+def usable(record: Slots) -> int:
+    """How many slots are in use at the current scale (never fewer than one)."""
+    return max(1, min(len(record.slots), math.floor(len(record.slots) * record.scale)))
+
+
+def _free_at(value: float, now: float) -> float | None:
+    """When a slot is free (None while a live request holds it)."""
+    if value >= 0:
+        return now if value - now > _IMPOSSIBLE_LEAD else value
+    taken = -value - 1
+    if taken - now > _IMPOSSIBLE_LEAD or now - taken > _LONGEST_HOLD:
+        return now  # another boot's, or its holder died with the request out
+    return None
+
+
+def take(record: Slots, now: float, priority: Priority) -> tuple[int | None, float]:
+    """Take a free slot for a request going now: (its index, 0.0); or (None, seconds until it
+    is worth looking again).
+
+    Background work takes a slot only while more than `INTERACTIVE_RESERVE` are free.
+    """
+    count = usable(record)
+    slots = record.slots
+    needed = 1
+    if priority is Priority.BACKGROUND:
+        needed += min(INTERACTIVE_RESERVE, count - 1)
+    found: list[int] = []
+    # The common case, with slots to spare, stops at the first few.
+    for index in range(count):
+        value = slots[index]
+        if 0 <= value <= now or ((at := _free_at(value, now)) is not None and at <= now):
+            found.append(index)
+            if len(found) >= needed:
+                slots[found[0]] = -now - 1
+                return found[0], 0.0
+    upcoming = sorted(
+        at for value in slots[:count] if (at := _free_at(value, now)) is not None and at > now
+    )
+    missing = needed - len(found)
+    if len(upcoming) >= missing:
+        return None, max(_POLL / 10, upcoming[missing - 1] - now)
+    return None, _POLL
+
+
+def give_back(record: Slots, index: int, taken: float, now: float, window: float) -> None:
+    """The request in slot `index` (taken at `taken`) is over: free one window from now.
+
+    Nothing happens if the slot was meanwhile judged abandoned and taken by someone else.
+    """
+    if index < len(record.slots) and record.slots[index] == -taken - 1:
+        record.slots[index] = now + window
+
+
+def after_rate_limited(record: Slots, now: float, window: float) -> bool:
+    """Engage answered 429: use half the slots (once a window); True if this cut it."""
+    if now - record.last_cut < window:
+        return False
+    record.scale = max(_LOWEST_SCALE, record.scale * _CUT)
+    record.last_cut = now
+    return True
+
+
+def after_good_answer(record: Slots) -> None:
+    """An answer that was not a 429: grow the share of slots back towards all of them."""
+    if record.scale < 1.0:
+        record.scale = min(1.0, record.scale + 1.0 / _RECOVERY_ANSWERS)
+
+
+# --- the file ------------------------------------------------------------------------------
+
+_MAGIC: Final = b"EABUDGT2"
+_KEYS: Final = 8
+_KEY_BYTES: Final = 16
+# After the key, eight doubles of pace (slot count, scale, last cut, warned, 4 spare), then
+# the slot times: all 8-byte aligned, so the file is read in place as doubles.
+_META: Final = 8
+_RECORD_BYTES: Final = _KEY_BYTES + 8 * (_META + MAX_SLOTS)
+_SIZE: Final = 64 + _KEYS * _RECORD_BYTES
+_T = TypeVar("_T")
+
+
+class _FileRecord:
+    """`Slots` read and written in place in the mapped file (no copy per request)."""
+
+    def __init__(self, doubles: Any, count: int) -> None:
+        # A memoryview cast to doubles (typeshed types memoryview items as ints).
+        self._doubles = doubles
+        self.slots: MutableSequence[float] = doubles[_META : _META + count]
+
+    def release(self) -> None:
+        """Let go of the view of the file."""
+        self.slots.release()  # type: ignore[attr-defined]
+
+    @property
+    def scale(self) -> float:
+        value = float(self._doubles[1])
+        return value if 0 < value <= 1 else 1.0
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        self._doubles[1] = value
+
+    @property
+    def last_cut(self) -> float:
+        return float(self._doubles[2])
+
+    @last_cut.setter
+    def last_cut(self, value: float) -> None:
+        self._doubles[2] = value
+
+    @property
+    def rate_warned(self) -> bool:
+        return bool(self._doubles[3] != 0)
+
+    @rate_warned.setter
+    def rate_warned(self, value: bool) -> None:
+        self._doubles[3] = float(value)
+
+
+class BudgetFile:
+    """Records of up to eight keys in a file every process maps, changed under `flock`.
+
+    The lock is held only while a record is read and changed in place (microseconds), so
+    taking it on the event loop's thread costs less than handing the work to another thread.
+    A process that dies holding it drops it with its descriptor.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        self._fd = os.open(path, os.O_RDWR)
+        try:
+            with self._locked():
+                if os.fstat(self._fd).st_size < _SIZE:
+                    os.ftruncate(self._fd, _SIZE)
+                self._map = mmap.mmap(self._fd, _SIZE)
+                if self._map[: len(_MAGIC)] != _MAGIC:
+                    self._map[:_SIZE] = _MAGIC + bytes(_SIZE - len(_MAGIC))
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._view = memoryview(self._map)
+        # key -> (its bytes in the file, its doubles, views by slot count): made once.
+        self._records: dict[bytes, tuple[Any, Any, dict[int, _FileRecord]]] = {}
+        # flock excludes other processes; threads of this one (several event loops) need
+        # their own lock.
+        self._thread_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def change(self, key: bytes, slots: int, change: Callable[[Slots], _T]) -> _T:
+        """Run `change` on the record of `key` (made with `slots` free slots if new, resized
+        if the rate changed), atomically across processes.
+        """
+        with self._thread_lock:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                return change(self._record(key, slots))
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _record(self, key: bytes, slots: int) -> _FileRecord:
+        cached = self._records.get(key)
+        # Another process may have moved the key (a ninth key reusing the first record).
+        if cached is None or cached[0] != key:
+            offset = self._find(key)
+            doubles: Any = self._view[offset + _KEY_BYTES : offset + _RECORD_BYTES].cast("d")
+            cached = (self._view[offset : offset + _KEY_BYTES], doubles, {})
+            self._records[key] = cached
+        _, doubles, views = cached
+        if doubles[0] != slots:
+            # New, or another process runs with another rate: the slots restart free.
+            doubles[0 : _META + MAX_SLOTS] = array("d", [slots] + [0.0] * (_META - 1 + MAX_SLOTS))
+        record = views.get(slots)
+        if record is None:
+            record = views[slots] = _FileRecord(doubles, slots)
+        return record
+
+    def _find(self, key: bytes) -> int:
+        empty: int | None = None
+        for number in range(_KEYS):
+            offset = 64 + number * _RECORD_BYTES
+            stored = bytes(self._view[offset : offset + _KEY_BYTES])
+            if stored == key:
+                return offset
+            if empty is None and stored == bytes(_KEY_BYTES):
+                empty = offset
+        # Eight keys share this outbox already: the first record is reused.
+        offset = 64 if empty is None else empty
+        self._view[offset : offset + _KEY_BYTES] = key
+        self._view[offset + _KEY_BYTES : offset + _KEY_BYTES + 8] = bytes(8)
+        return offset
+
+    def close(self) -> None:
+        """Unmap and close the file (every view of it is let go first: a mapping with
+        views left cannot be closed).
+        """
+        for key_bytes, doubles, views in self._records.values():
+            for record in views.values():
+                record.release()
+            doubles.release()
+            key_bytes.release()
+        self._records.clear()
+        self._view.release()
+        self._map.close()
+        os.close(self._fd)
+
+
+def budget_key(base_url: str, api_key: str) -> bytes:
+    """The record of an Engage tenant and key: a hash, so the file never holds the key."""
+    return hashlib.sha256(f"{base_url}\n{api_key}".encode()).digest()[:_KEY_BYTES]
+
+
+@attrs.frozen
+class Permit:
+    """A slot taken for one request; give it back with `Budget.release`."""
+
+    index: int
+    taken: float
+
+
+class Budget:
+    """The request budget of one Engage key in this process, drawn from a shared file.
+
+    Shared by every transport of the process with the same tenant, key and file, on one event
+    loop (`Budget.shared`). Within a priority, callers go first come, first served.
+    """
+
+    def __init__(
+        self,
+        store: BudgetFile,
+        key: bytes,
+        rate: float,
+        clock: Clock,
+        on_close: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.rate = rate
+        self.shape = shape(rate)
+        self._store = store
+        self._key = key
+        self._clock = clock
+        self._on_close = on_close
+        self._users = 0
+        self._turns = {priority: asyncio.Lock() for priority in Priority}
+        self._returned = asyncio.Event()
+
+    # One per tenant, key, file and event loop in this process (asyncio locks belong to one
+    # loop; processes and loops meet in the file).
+    _registry: dict[tuple[str, bytes, str, int], Budget] = {}  # noqa: RUF012 - on purpose
+
+    @classmethod
+    def shared(
+        cls, *, base_url: str, api_key: str, rate: float, store_path: Path, clock: Clock
+    ) -> Budget:
+        """The budget for this tenant and key in this file, made on first use.
+
+        Two different rates for one key: the lower is kept (either user may be the one that
+        knows the tenant's limit), with a warning.
+
+        Raises:
+            OSError: the file cannot be opened.
+        """
+        key = budget_key(base_url, api_key)
+        where = str(Path(store_path).resolve())
+        registry_key = (base_url, key, where, id(asyncio.get_running_loop()))
+        budget = cls._registry.get(registry_key)
+        if budget is None:
+
+            def forget() -> None:
+                cls._registry.pop(registry_key, None)
+
+            budget = cls(BudgetFile(Path(where)), key, rate, clock, on_close=forget)
+            cls._registry[registry_key] = budget
+        elif rate < budget.rate:
+            log.warning("two rate_limit values for one Engage key in this process; using %g", rate)
+            budget.rate, budget.shape = rate, shape(rate)
+        budget._users += 1
+        return budget
+
+    def release_user(self) -> None:
+        """One user is done with the budget; the last one closes its file."""
+        self._users -= 1
+        if self._users <= 0:
+            self._on_close()
+            self._store.close()
+
+    def _take(self, priority: Priority) -> tuple[Permit | None, float]:
+        now = self._clock.monotonic()
+
+        def change(record: Slots) -> tuple[int | None, float]:
+            return take(record, now, priority)
+
+        index, wait = self._store.change(self._key, self.shape.slots, change)
+        return (None if index is None else Permit(index, now)), wait
+
+    def try_acquire(self, priority: Priority) -> Permit | None:
+        """A slot now if one is free and nobody of this priority waits; never waits."""
+        if self._turns[priority].locked():
+            return None
+        return self._take(priority)[0]
+
+    async def acquire(self, priority: Priority, *, within: float | None = None) -> Permit | None:
+        """Wait for a slot; None (and no slot) when none can be had within `within` seconds."""
+        deadline = None if within is None else self._clock.monotonic() + within
+        async with self._turns[priority]:
+            while True:
+                permit, wait = self._take(priority)
+                if permit is not None:
+                    return permit
+                if deadline is not None and self._clock.monotonic() + wait > deadline:
+                    return None
+                # A slot given back in this process wakes the waiter at once; one given back
+                # elsewhere is found when the wait is over.
+                self._returned.clear()
+                await wait_for_event(self._clock, self._returned, wait)
+
+    def release(self, permit: Permit, *, rate_limited: bool = False) -> None:
+        """The request is over (answered or failed); `rate_limited` if Engage said 429."""
+        now = self._clock.monotonic()
+        window = self.shape.window
+
+        def change(record: Slots) -> bool:
+            give_back(record, permit.index, permit.taken, now, window)
+            if not rate_limited:
+                after_good_answer(record)
+                return False
+            cut = after_rate_limited(record, now, window)
+            warn = cut and not record.rate_warned
+            record.rate_warned = record.rate_warned or cut
+            return warn
+
+        if self._store.change(self._key, self.shape.slots, change):
+            log.warning(
+                "Engage answered 429 at rate_limit=%g: it is higher than this tenant allows; "
+                "slowing down for every process on the outbox",
+                self.rate,
+            )
+        self._returned.set()
