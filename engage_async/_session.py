@@ -44,6 +44,7 @@ from ._errors import (
     EngageUnavailable,
     PayloadError,
     RateLimited,
+    UnexpectedResponse,
 )
 from ._keys import (
     LOOKUP_PARAMETERS,
@@ -508,7 +509,12 @@ class EngageSession:
                 except RateLimited as exc:
                     await self._pause(max(next(delays), exc.retry_after or 0.0), until)
                     continue
-                return await self._created(create, data)
+                try:
+                    return await self._created(create, data)
+                except UnexpectedResponse:
+                    # Engage took the POST but its answer is unreadable: the contact may exist.
+                    checked, maybe_applied = False, True
+                    raise
             raise EngageUnavailable(f"POST {self._root}/contacts: no attempt succeeded")
         except (EngageUnavailable, RateLimited) as exc:
             if maybe_applied:

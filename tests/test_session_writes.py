@@ -443,13 +443,17 @@ async def test_create_rate_limited_with_retry_after_is_sent_again(
 async def test_create_answer_with_a_malformed_id(
     fake: FakeEngage, session: ea.EngageSession
 ) -> None:
-    """A 201 whose contact id is not a GUID is `UnexpectedResponse` (an `EngageError`), as a
-    201 without an id is, not a bare `ValueError`.
+    """A 201 whose contact id is not a GUID leaves the create's outcome unknown, as a 201
+    without an id does: it is queued, marked to be looked up before it is sent again (never
+    a bare `ValueError`, never a second contact).
     """
     fake.inject("status", method="POST", status=201, body={"id": "not-a-guid"})
 
-    with pytest.raises(ea.UnexpectedResponse):
-        await session.create_contact({"email": "anna@example.com"})
+    delivery = await session.create_contact({"email": "anna@example.com"})
+
+    with contextlib.closing(sqlite3.connect(session.config.outbox_path)) as db:
+        rows = db.execute("SELECT operation, lookup_first FROM changes").fetchall()
+    assert (True, [("create", 1)]) == (delivery.queued, rows)
 
 
 async def test_create_refused_with_422_is_raised_not_queued(
