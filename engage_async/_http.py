@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Final
-from urllib.parse import quote
+from urllib.parse import quote, quote_plus
 
 import attrs
 
@@ -31,6 +31,7 @@ from ._errors import (
     RateLimited,
     UnexpectedResponse,
 )
+from ._keys import LOOKUP_PARAMETERS
 from ._redact import scrub
 
 __all__ = [
@@ -229,6 +230,11 @@ _BREAK = re.compile(r"[\s\"'<>(),;:\[\]{}]")
 # A run that long between breaks is no value worth reading (base64, minified code); dropping
 # it keeps the scrubber linear, whose email pattern costs the square of a run's length.
 _LONG_RUN = re.compile(r"[^\s\"'<>(),;:\[\]{}]{80,}")
+# A URL's query string (``?email=...``) and a percent-encoded email, as a page may echo them.
+_QUERY_OR_ENCODED = re.compile(
+    r"\?[^\s\"'<>#?=]*=[^\s\"'<>#]*|[^\s\"'<>(),;:\[\]{}%]+%40[^\s\"'<>(),;:\[\]{}]+"
+)
+_PERSONAL_PARAMETERS: Final = frozenset(LOOKUP_PARAMETERS.values())
 # Details are kept from error bodies up to this size; Engage's are a few hundred bytes.
 _MAX_DETAILS_BODY: Final = 256 * 1024
 _DETAILS_DEPTH: Final = 32
@@ -293,30 +299,52 @@ def _parse_retry_after(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
-def _safe_text(text: str, limit: int = MAX_BODY) -> str:
-    """`text` cut to at most `limit` characters and scrubbed of personal data.
+def _echoes(call: Call) -> tuple[str, ...]:
+    """The personal values `call` sent in its query, as an answer might echo them (raw and
+    percent-encoded), longest first. Scrubbing alone would miss a custom key.
+    """
+    forms: set[str] = set()
+    for name, value in call.query:
+        if name in _PERSONAL_PARAMETERS and len(value) >= 3:
+            forms.update((value, quote(value, safe=""), quote_plus(value)))
+    return tuple(sorted(forms, key=len, reverse=True))
+
+
+def _safe_text(text: str, echoes: tuple[str, ...] = (), limit: int = MAX_BODY) -> str:
+    """`text` cut to at most `limit` characters and cleaned of personal data: the call's own
+    query values (`echoes`), query strings of URLs, percent-encoded emails, and whatever
+    `scrub` recognises.
 
     A long text is cut where no email, phone or personal number can run across (and trailing
     digits are dropped), so no readable piece of one survives. Runs of 80 characters or more
     without a break become ``...``. Both keep the scrubber's cost linear in `limit`.
     """
+    text = text[: limit * 4]
+    for echo in echoes:
+        text = text.replace(echo, "***")
+    text = _QUERY_OR_ENCODED.sub("***", _LONG_RUN.sub("...", text))
     if len(text) > limit:
         head = text[: limit + 1]
         breaks = [match.start() for match in _BREAK.finditer(head)]
         text = head[: breaks[-1]].rstrip("0123456789+- ") + "..." if breaks else "..."
-    return scrub(_LONG_RUN.sub("...", text), limit=limit + 3)
+    return scrub(text, limit=limit + 3)
 
 
-def _scrubbed(value: Any, depth: int = 0) -> Any:
-    """`value` (decoded JSON) with every text scrubbed; its shape kept, its depth bounded."""
+def _scrubbed(value: Any, echoes: tuple[str, ...], depth: int = 0) -> Any:
+    """`value` (decoded JSON) with every text cleaned by `_safe_text`; its shape kept, its
+    depth bounded.
+    """
     if isinstance(value, str):
-        return _safe_text(value)
+        return _safe_text(value, echoes)
     if depth >= _DETAILS_DEPTH:
         return "..."
     if isinstance(value, Mapping):
-        return {_safe_text(str(k), 200): _scrubbed(v, depth + 1) for k, v in value.items()}
+        return {
+            _safe_text(str(k), echoes, 200): _scrubbed(v, echoes, depth + 1)
+            for k, v in value.items()
+        }
     if isinstance(value, list):
-        return [_scrubbed(item, depth + 1) for item in value]
+        return [_scrubbed(item, echoes, depth + 1) for item in value]
     return value
 
 
@@ -408,8 +436,9 @@ def error_for_status(
     ):
         return _not_a_verdict(call, status, headers, body, page=page)
     code, raw_message, raw_details = _error_fields(None if data is _NOT_JSON else data)
-    message = _safe_text(raw_message) if raw_message is not None else None
-    details = _scrubbed(raw_details) if len(body) <= _MAX_DETAILS_BODY else {}
+    echoes = _echoes(call)
+    message = _safe_text(raw_message, echoes) if raw_message is not None else None
+    details = _scrubbed(raw_details, echoes) if len(body) <= _MAX_DETAILS_BODY else {}
     summary = f"{call.target} -> {status}"
     if code:
         summary += f" {code}"
@@ -422,7 +451,7 @@ def error_for_status(
         "error_code": code,
         "message": message,
         "details": details,
-        "body": _safe_text(body[: MAX_BODY * 4].decode("utf-8", errors="replace")),
+        "body": _safe_text(body[: MAX_BODY * 4].decode("utf-8", errors="replace"), echoes),
         "method": call.method,
         "path": call.path,
     }

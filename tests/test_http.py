@@ -968,3 +968,22 @@ def test_read_page(data: object, expected: tuple[list[object], int | None]) -> N
 def test_read_batch_id(data: object, expected: str | None) -> None:
     """The bulk batch id is a bare string, tolerantly an object."""
     assert expected == _http.read_batch_id(data)
+
+
+def test_error_text_loses_the_calls_lookup_values_and_query_strings() -> None:
+    """A page echoing the request keeps none of the lookup's values (a custom key scrubbing
+    alone would miss, in raw and percent-encoded form), no URL query string and no
+    percent-encoded email; the rest of the text stays.
+    """
+    call = _http.contact_id_lookup(V3, {"customKey": "M 12345", "contactType": "Member"})
+    raw = (
+        b"<html>Error at https://t.voyado.com/api/v3/contacts/id?customKey=M%2012345 "
+        b"for M 12345 / M+12345 (mail anna.svensson%40example.com) in Member</html>"
+    )
+
+    exc = error_for_status(call, 500, {"Content-Type": "text/html"}, raw)
+
+    assert (
+        "<html>Error at https://t.voyado.com/api/v3/contacts/id*** for *** / *** "
+        "(mail ***) in Member</html>"
+    ) == exc.body
