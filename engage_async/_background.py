@@ -21,6 +21,7 @@ from ._errors import (
     EngageUnavailable,
     MultipleMatches,
     RateLimited,
+    UnexpectedResponse,
 )
 from ._flush_run import FlushRun
 from ._keys import lookup_parameter
@@ -59,17 +60,20 @@ class BackgroundCalls:
         """One call: a single attempt with the long timeout.
 
         Raises:
-            Outage: nothing came back.
+            Outage: nothing came back, or an answer that is not Engage's verdict.
             EngageHTTPError: Engage answered with an error status.
-            UnexpectedResponse: an answer that cannot be read.
         """
         try:
             status, headers, body = await self._transport.send(call, self.config.request_timeout)
         except EngageUnavailable as exc:
             raise Outage(str(exc)) from exc
+        try:
+            answer = _http.read_response(call, status, headers, body)
+        except UnexpectedResponse as exc:
+            # Not Engage's verdict (a redirect, a proxy's page): the outcome is unknown.
+            raise Outage(str(exc)) from exc
         # An error answer propagates as Engage's error: whether it proves Engage is up is for
         # the caller to say (a 5xx does not; a rejection of the change does).
-        answer = _http.read_response(call, status, headers, body)
         await run.engage_answered(write=write)
         return answer
 

@@ -5,10 +5,15 @@ Everything the library raises on purpose derives from `EngageError`. "Nothing ca
 rejected request from an unreachable server::
 
     EngageError
-    ├── EngageUnavailable            no usable answer: network error, timeout, 5xx, open circuit
+    ├── EngageUnavailable            no usable answer: the outcome of a write is unknown
     │   ├── EngageConnectionError    the connection failed (refused, reset, DNS, TLS, lost reply)
     │   ├── EngageTimeout            no answer within the time allowed
-    │   └── CircuitOpen              recent failures: the network was not even tried
+    │   ├── CircuitOpen              recent failures: the network was not even tried
+    │   ├── UnexpectedResponse       an answer that is not Engage's: 1xx/3xx, an undocumented
+    │   │                            4xx, a proxy's HTML page, a 2xx that cannot be read, an
+    │   │                            answer over `max_answer_bytes` (.status)
+    │   └── EngageServerError        5xx (also an EngageHTTPError)
+    │       └── EngageConfigurationError  5xx InvalidSystemConfiguration: the tenant's setup
     ├── EngageHTTPError              Engage answered with an error status
     │   ├── InvalidRequest           400
     │   ├── EngageAuthError          401, 403: configuration, never queued
@@ -17,22 +22,32 @@ rejected request from an unreachable server::
     │   │   └── MultipleMatches      409 MultipleMatches (.contact_ids)
     │   ├── EngageValidationError    422
     │   ├── RateLimited              429
-    │   └── EngageServerError        5xx (also an EngageUnavailable)
-    ├── UnexpectedResponse           Engage answered 2xx with a body that could not be read
+    │   └── EngageServerError        5xx (see above)
     ├── PayloadError                 bad input, caught before anything is sent (a ValueError)
     │   └── EmptyValueError          a None or "" that would wipe data on Engage
     ├── OutboxError                  the outbox could not be written: nothing was kept
     └── ChangeNotFound               no such outbox change (a LookupError)
 
+Only Engage's documented verdicts are about the request itself (400, 404, 409, 422 with
+Engage's JSON body; 401 and 403; 429); anything else on a write leaves its outcome unknown, so
+it is an `EngageUnavailable`: the session queues the write (a create to be looked up first)
+and the flusher pauses and sends it again. Redirects are never followed.
+
 Messages name the call and the error code (``POST /api/v3/contacts -> 422 ValidationError``),
 never the API key or personal data: query strings are left out, and text taken from Engage is
-truncated and scrubbed of emails, phone and personal numbers.
+truncated and scrubbed of emails, phone and personal numbers, on the attributes too. Nothing
+reachable from an exception raised here (``__cause__``, ``__context__``, attributes) holds
+aiohttp's exceptions, whose text carries the URL with its query and whose request info
+carries the API key: the transport keeps only the name of the network error
+(`EngageUnavailable.network_error`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Final
+
+from ._redact import scrub
 
 __all__ = [
     "ChangeNotFound",
@@ -40,6 +55,7 @@ __all__ = [
     "ContactNotFound",
     "EmptyValueError",
     "EngageAuthError",
+    "EngageConfigurationError",
     "EngageConflict",
     "EngageConnectionError",
     "EngageError",
@@ -57,22 +73,35 @@ __all__ = [
 ]
 
 
+_MAX_MESSAGE: Final = 500
+
+
 class EngageError(Exception):
     """Base class of every exception engage-async raises on purpose."""
 
 
 class EngageUnavailable(EngageError):
-    """Engage gave no usable answer: network error, timeout, 5xx, or an open circuit.
+    """Engage gave no usable answer: network error, timeout, 5xx, an answer that is not
+    Engage's, or an open circuit. The outcome of a write is unknown.
 
     Writes that fail this way are queued in the outbox; reads raise it. `request_sent` is
     False only when the request cannot have reached Engage (the connection was never made,
     the circuit was open, the client-side rate limit held it back), which makes a create
     safe to send again.
+
+    Attributes:
+        request_sent: the request may have reached Engage.
+        network_error: the name of the network error behind it (``"ClientConnectorError"``,
+            ``"ServerDisconnectedError"``, maybe with the errno name), or None. Only the name
+            is kept: the network library's exception holds the URL, query string included.
     """
 
-    def __init__(self, message: str, *, request_sent: bool = True) -> None:
+    def __init__(
+        self, message: str, *, request_sent: bool = True, network_error: str | None = None
+    ) -> None:
         super().__init__(message)
         self.request_sent = request_sent
+        self.network_error = network_error
 
     def __reduce__(self) -> Any:
         # Keyword-only arguments defeat Exception's default pickling; rebuild from state.
@@ -102,10 +131,10 @@ class EngageHTTPError(EngageError):
     Attributes:
         status: the HTTP status.
         error_code: Engage's error name (``"ContactNotFound"``), or None if the body had none.
-        message: Engage's human-readable text, if any (may contain personal data: it is kept
-            on the attribute but never put in ``str(exc)`` unscrubbed).
-        details: ``messageDetails`` from the body, as a dict (empty if absent).
-        body: the raw body text, truncated.
+        message: Engage's human-readable text, if any, scrubbed of personal data.
+        details: ``messageDetails`` from the body, as a dict (empty if absent), its texts
+            scrubbed.
+        body: the body text, truncated at a word boundary and scrubbed of personal data.
         method, path: the call that failed (no query string).
     """
 
@@ -173,8 +202,30 @@ class EngageServerError(EngageHTTPError, EngageUnavailable):
     """5xx: Engage (or a proxy in front of it) failed; the request may have been applied."""
 
 
-class UnexpectedResponse(EngageError):
-    """Engage answered 2xx with a body engage-async could not read."""
+class EngageConfigurationError(EngageServerError):
+    """5xx ``InvalidSystemConfiguration``: a fault in the tenant's configuration at Voyado.
+
+    Waiting does not fix it; someone has to fix the tenant's setup (as with a refused API
+    key). It is still a 5xx, so a write that meets it is kept rather than lost.
+    """
+
+
+class UnexpectedResponse(EngageUnavailable):
+    """An answer that is not a usable answer from Engage, so a write's outcome is unknown.
+
+    A 1xx or 3xx (redirects are never followed), a 4xx Engage does not document, a 400, 404,
+    409 or 422 whose body is a proxy's HTML page rather than Engage's JSON, a 2xx that cannot
+    be read, or an answer larger than `EngageConfig.max_answer_bytes`. Writes that meet it are
+    queued (a create to be looked up first) and sent again after a pause.
+
+    Attributes:
+        status: the HTTP status, or None when no status applies (a body read elsewhere).
+    """
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        # Some messages quote what could not be read; scrub them like any text from Engage.
+        super().__init__(scrub(message, limit=_MAX_MESSAGE), request_sent=True)
+        self.status = status
 
 
 class PayloadError(EngageError, ValueError):

@@ -14,13 +14,14 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Final
-from urllib.parse import quote
+from urllib.parse import quote, quote_plus
 
 import attrs
 
 from ._errors import (
     ContactNotFound,
     EngageAuthError,
+    EngageConfigurationError,
     EngageConflict,
     EngageHTTPError,
     EngageServerError,
@@ -30,6 +31,7 @@ from ._errors import (
     RateLimited,
     UnexpectedResponse,
 )
+from ._keys import LOOKUP_PARAMETERS
 from ._redact import scrub
 
 __all__ = [
@@ -217,31 +219,61 @@ def bulk_status(root: str, batch_id: str) -> Call:
 
 # --- reading answers ----------------------------------------------------------------------
 
+# Engage's documented verdicts on a request: these statuses are about the request itself.
+# Any other 4xx comes from something between us and Engage, and says nothing about the request.
+_VERDICTS: Final = frozenset({400, 401, 403, 404, 409, 422, 429})
+# Engage gives these with its JSON error body; under an HTML page they are a proxy's.
+_JSON_VERDICTS: Final = frozenset({400, 404, 409, 422})
+_NOT_JSON: Final = object()
+# No email, phone or personal number runs across these (they end `_redact`'s patterns).
+_BREAK = re.compile(r"[\s\"'<>(),;:\[\]{}]")
+# A run that long between breaks is no value worth reading (base64, minified code); dropping
+# it keeps the scrubber linear, whose email pattern costs the square of a run's length.
+_LONG_RUN = re.compile(r"[^\s\"'<>(),;:\[\]{}]{80,}")
+# A URL's query string (``?email=...``) and a percent-encoded email, as a page may echo them.
+_QUERY_OR_ENCODED = re.compile(
+    r"\?[^\s\"'<>#?=]*=[^\s\"'<>#]*|[^\s\"'<>(),;:\[\]{}%]+%40[^\s\"'<>(),;:\[\]{}]+"
+)
+_PERSONAL_PARAMETERS: Final = frozenset(LOOKUP_PARAMETERS.values())
+# Details are kept from error bodies up to this size; Engage's are a few hundred bytes.
+_MAX_DETAILS_BODY: Final = 256 * 1024
+_DETAILS_DEPTH: Final = 32
+_BLANK = re.compile(rb"\s*\Z")
+_MARKUP = re.compile(rb"\s*<")
+
 
 def read_response(call: Call, status: int, headers: Mapping[str, str], body: bytes) -> Any:
-    """The JSON of a 2xx answer (None when empty), or raise the matching `EngageHTTPError`.
+    """The JSON of a 2xx answer (None when empty), or raise what the answer means.
 
     Raises:
-        EngageHTTPError: a subclass chosen by `error_for_status`.
-        UnexpectedResponse: a 2xx whose body is not JSON.
+        EngageHTTPError: Engage's verdict; a subclass chosen by `error_for_status`.
+        UnexpectedResponse: not a usable answer from Engage (see `error_for_status`), or a
+            2xx whose body is not JSON.
     """
     if not 200 <= status < 300:
         raise error_for_status(call, status, headers, body)
-    if not body.strip():
+    if _BLANK.match(body):
         return None
+    data = _json(body)
+    if data is _NOT_JSON:
+        raise UnexpectedResponse(
+            f"{call.target} -> {status}: the answer is not JSON ({_content_type(headers)})",
+            status=status,
+        )
+    return data
+
+
+def _json(body: bytes) -> Any:
+    """The decoded JSON, or `_NOT_JSON`."""
     try:
         return json.loads(body)
-    except ValueError:
-        raise UnexpectedResponse(
-            f"{call.target} -> {status}: the answer is not JSON ({_content_type(headers)})"
-        ) from None
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than json reads
+        return _NOT_JSON
 
 
 def _content_type(headers: Mapping[str, str]) -> str:
-    for name, value in headers.items():
-        if name.lower() == "content-type":
-            return value.split(";")[0].strip() or "no content type"
-    return "no content type"
+    value = (_header(headers, "content-type") or "").split(";")[0].strip()
+    return scrub(value, limit=80) if value else "no content type"
 
 
 def _header(headers: Mapping[str, str], wanted: str) -> str | None:
@@ -267,17 +299,79 @@ def _parse_retry_after(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
-def _error_fields(body: bytes) -> tuple[str | None, str | None, dict[str, Any]]:
-    """Error code, message and details, read leniently: Engage's schema is not published."""
-    try:
-        data = json.loads(body) if body.strip() else None
-    except ValueError:
-        return None, None, {}
+def _echoes(call: Call) -> tuple[str, ...]:
+    """The personal values `call` sent in its query, as an answer might echo them (raw and
+    percent-encoded), longest first. Scrubbing alone would miss a custom key.
+    """
+    forms: set[str] = set()
+    for name, value in call.query:
+        if name in _PERSONAL_PARAMETERS and len(value) >= 3:
+            forms.update((value, quote(value, safe=""), quote_plus(value)))
+    return tuple(sorted(forms, key=len, reverse=True))
+
+
+def _safe_text(text: str, echoes: tuple[str, ...] = (), limit: int = MAX_BODY) -> str:
+    """`text` cut to at most `limit` characters and cleaned of personal data: the call's own
+    query values (`echoes`), query strings of URLs, percent-encoded emails, and whatever
+    `scrub` recognises.
+
+    A long text is cut where no email, phone or personal number can run across (and trailing
+    digits are dropped), so no readable piece of one survives. Runs of 80 characters or more
+    without a break become ``...``. Both keep the scrubber's cost linear in `limit`.
+    """
+    text = text[: limit * 4]
+    for echo in echoes:
+        text = text.replace(echo, "***")
+    text = _QUERY_OR_ENCODED.sub("***", _LONG_RUN.sub("...", text))
+    if len(text) > limit:
+        head = text[: limit + 1]
+        breaks = [match.start() for match in _BREAK.finditer(head)]
+        text = head[: breaks[-1]].rstrip("0123456789+- ") + "..." if breaks else "..."
+    return scrub(text, limit=limit + 3)
+
+
+def _scrubbed(value: Any, echoes: tuple[str, ...], depth: int = 0) -> Any:
+    """`value` (decoded JSON) with every text cleaned by `_safe_text`; its shape kept, its
+    depth bounded.
+    """
+    if isinstance(value, str):
+        return _safe_text(value, echoes)
+    if depth >= _DETAILS_DEPTH:
+        return "..."
+    if isinstance(value, Mapping):
+        return {
+            _safe_text(str(k), echoes, 200): _scrubbed(v, echoes, depth + 1)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_scrubbed(item, echoes, depth + 1) for item in value]
+    return value
+
+
+def _lowered(data: Mapping[Any, Any]) -> dict[str, Any]:
+    """The object's members by lower-cased name (Engage's casing is not documented)."""
+    return {str(key).lower(): value for key, value in data.items()}
+
+
+def _error_fields(data: Any) -> tuple[str | None, str | None, dict[str, Any]]:
+    """Error code, message and details of a decoded error body, read leniently.
+
+    Engage's error schema is not published. The code is the first identifier-like text under
+    ``errorCode``, ``code`` or ``error`` (any letter case), else an identifier-like message;
+    the message is under ``message``, ``detail``, ``title`` or ``errorMessage``, else a free
+    text found under a code's name; a bare JSON string is both. The details are
+    ``messageDetails`` (else ASP.NET's ``errors`` or ``modelState``), as a dict; anything
+    other than an object is kept under ``"value"``. An array takes its first object (a list
+    of errors). Texts come back unscrubbed; the caller scrubs them.
+    """
+    if isinstance(data, list):
+        data = next((item for item in data if isinstance(item, Mapping | str)), None)
     if isinstance(data, str):
         return (data if _IDENTIFIER.fullmatch(data) else None), data, {}
     if not isinstance(data, Mapping):
         return None, None, {}
-    texts = {key.lower(): value for key, value in data.items() if isinstance(value, str)}
+    lowered = _lowered(data)
+    texts = {key: value for key, value in lowered.items() if isinstance(value, str)}
     # Only an identifier is a code; free text under "error" or "code" is a message, and goes
     # through the scrubber like one.
     candidates = [texts[key] for key in ("errorcode", "code", "error") if texts.get(key)]
@@ -288,12 +382,23 @@ def _error_fields(body: bytes) -> tuple[str | None, str | None, dict[str, Any]]:
     )
     if code is None and message is not None and _IDENTIFIER.fullmatch(message):
         code = message
-    details = data.get("messageDetails", data.get("MessageDetails"))
+    details = next(
+        (lowered[key] for key in ("messagedetails", "errors", "modelstate") if key in lowered),
+        None,
+    )
     if details is None:
         details = {}
     elif not isinstance(details, Mapping):
         details = {"value": details}
     return code, message, dict(details)
+
+
+def _is_page(headers: Mapping[str, str], body: bytes, data: Any) -> bool:
+    """Is the body a web page (a proxy's, a load balancer's) rather than Engage's JSON?"""
+    if data is not _NOT_JSON:
+        return False
+    kind = _content_type(headers).lower()
+    return "html" in kind or "xml" in kind or _MARKUP.match(body) is not None
 
 
 _STATUS_CLASSES: Final[dict[int, type[EngageHTTPError]]] = {
@@ -308,34 +413,51 @@ _STATUS_CLASSES: Final[dict[int, type[EngageHTTPError]]] = {
 
 def error_for_status(
     call: Call, status: int, headers: Mapping[str, str], body: bytes
-) -> EngageHTTPError:
-    """The exception for an error answer: one pure function from status and body to class.
+) -> EngageHTTPError | UnexpectedResponse:
+    """The exception for an answer that is not a 2xx: one pure function from status and body
+    to class.
 
-    An HTML page from a proxy (a 502, say) is still a server error, never a JSON crash.
+    Only Engage's verdicts are `EngageHTTPError`s that are not `EngageUnavailable`: 400, 404,
+    409 and 422 with Engage's body (JSON, or none), 401 and 403, 429. Every 5xx is an
+    `EngageServerError` (``InvalidSystemConfiguration`` an `EngageConfigurationError`),
+    whatever its body. Everything else is `UnexpectedResponse`, "outcome unknown": a 1xx or
+    3xx (redirects are never followed), any other 4xx, and an HTML page under 400, 404, 409
+    or 422, which a proxy sent, not Engage.
+
+    Text taken from the body (`message`, `details`, `body`) is truncated and scrubbed.
     """
-    code, message, details = _error_fields(body)
-    text = body[:MAX_BODY].decode("utf-8", errors="replace")
+    blank = _BLANK.match(body) is not None
+    data = None if blank else _json(body)
+    page = _is_page(headers, body, data)
+    if (
+        status < 400
+        or (status < 500 and status not in _VERDICTS)
+        or (status in _JSON_VERDICTS and page)
+    ):
+        return _not_a_verdict(call, status, headers, body, page=page)
+    code, raw_message, raw_details = _error_fields(None if data is _NOT_JSON else data)
+    echoes = _echoes(call)
+    message = _safe_text(raw_message, echoes) if raw_message is not None else None
+    details = _scrubbed(raw_details, echoes) if len(body) <= _MAX_DETAILS_BODY else {}
     summary = f"{call.target} -> {status}"
     if code:
         summary += f" {code}"
-    if message and message != code:
+    if message and raw_message != code:
         summary += f": {scrub(message)}"
-    elif not code and text.strip():
+    elif not code and not blank:
         summary += f" ({_content_type(headers)} body)"
     common: dict[str, Any] = {
         "status": status,
         "error_code": code,
         "message": message,
         "details": details,
-        "body": text,
+        "body": _safe_text(body[: MAX_BODY * 4].decode("utf-8", errors="replace"), echoes),
         "method": call.method,
         "path": call.path,
     }
     if status == 404:
-        # Without Engage's code, a 404 means "no such contact" only on a contact call and
-        # only if it is not a proxy's HTML page (a wrong base URL must not read as "absent").
-        html = _content_type(headers).endswith("html") or text.lstrip().startswith("<")
-        is_contact = code == "ContactNotFound" or (code is None and call.contact_call and not html)
+        # Without Engage's code, a 404 means "no such contact" only on a contact call.
+        is_contact = code == "ContactNotFound" or (code is None and call.contact_call)
         cls: type[EngageHTTPError] = ContactNotFound if is_contact else EngageHTTPError
         return cls(summary, **common)
     if status == 409 and code == "MultipleMatches":
@@ -346,37 +468,66 @@ def error_for_status(
         retry_after = _parse_retry_after(_header(headers, "retry-after"))
         return RateLimited(summary, retry_after=retry_after, **common)
     if status >= 500:
+        if code is not None and code.lower() == "invalidsystemconfiguration":
+            return EngageConfigurationError(summary, **common)
         return EngageServerError(summary, **common)
-    return _STATUS_CLASSES.get(status, EngageHTTPError)(summary, **common)
+    return _STATUS_CLASSES[status](summary, **common)
+
+
+def _not_a_verdict(
+    call: Call, status: int, headers: Mapping[str, str], body: bytes, *, page: bool
+) -> UnexpectedResponse:
+    if 300 <= status < 400:
+        what = "a redirect, not followed"
+    elif page:
+        what = "a web page, not Engage's answer"
+    else:
+        what = "not an answer Engage gives"
+    if not _BLANK.match(body):
+        what += f" ({_content_type(headers)} body)"
+    return UnexpectedResponse(f"{call.target} -> {status}: {what}", status=status)
 
 
 def read_contact_id(data: Any) -> str | None:
-    """The GUID in a ``/contacts/id`` answer: a bare JSON string, or tolerantly an object."""
+    """The GUID in a ``/contacts/id`` answer.
+
+    Engage answers a bare JSON string (sometimes quoted once more); an object with
+    ``contactId`` or ``id`` (any letter case) is read too. Whether it is a GUID is the
+    caller's check.
+    """
     if isinstance(data, Mapping):
-        data = data.get("contactId", data.get("id"))
+        lowered = _lowered(data)
+        data = lowered.get("contactid", lowered.get("id"))
     return data.strip().strip('"') or None if isinstance(data, str) else None
 
 
 def read_page(data: Any) -> tuple[list[Any], int | None]:
     """Items and total of a list answer, which Engage gives either as a bare array or as a
-    paged object ``{"items": [...], "totalCount": n, ...}``; the total is None for arrays.
+    paged object ``{"items": [...], "totalCount": n, ...}`` (any letter case); the total is
+    None for arrays and when it is not a whole number.
     """
     if isinstance(data, list):
         return data, None
     if isinstance(data, Mapping):
-        items = data.get("items", data.get("Items"))
-        total = data.get("totalCount", data.get("TotalCount"))
+        lowered = _lowered(data)
+        items = lowered.get("items")
+        total = lowered.get("totalcount")
         return (
             list(items) if isinstance(items, list) else [],
-            total if isinstance(total, int) else None,
+            total if isinstance(total, int) and not isinstance(total, bool) else None,
         )
     return [], None
 
 
 def read_batch_id(data: Any) -> str | None:
-    """The batch id from a bulk answer: a bare JSON string, or tolerantly an object."""
+    """The batch id from a bulk answer: a bare JSON string (what the v2 swagger describes),
+    or an object with ``batchId`` or ``id`` (any letter case); a number is read as text.
+    """
     if isinstance(data, Mapping):
-        data = data.get("batchId", data.get("BatchId", data.get("id")))
+        lowered = _lowered(data)
+        data = lowered.get("batchid", lowered.get("id"))
+    if isinstance(data, int) and not isinstance(data, bool):
+        data = str(data)
     return data.strip() or None if isinstance(data, str) else None
 
 

@@ -47,10 +47,12 @@ from ._errors import (
     ContactNotFound,
     EngageConflict,
     EngageError,
+    EngageServerError,
     EngageTimeout,
     EngageUnavailable,
     PayloadError,
     RateLimited,
+    UnexpectedResponse,
 )
 from ._keys import (
     LOOKUP_PARAMETERS,
@@ -202,11 +204,17 @@ class EngageSession:
                 raise  # held back by our own rate limit: says nothing about Engage
             self._breaker.record_failure()
             raise
-        if status >= 500:
+        try:
+            answer = _http.read_response(call, status, headers, body)
+        except (EngageServerError, UnexpectedResponse):
+            # A 5xx, or an answer that is not Engage's (a proxy's page, a redirect): no use.
             self._breaker.record_failure()
-        else:
+            raise
+        except EngageError:
             self._breaker.record_success()
-        return _http.read_response(call, status, headers, body)
+            raise
+        self._breaker.record_success()
+        return answer
 
     async def _call(self, call: _http.Call, *, until: float) -> Any:
         """Send `call`, retrying what may be retried, until it succeeds or `until` (loop time).
@@ -710,7 +718,13 @@ class EngageSession:
             return await self._queued(change, _reason(exc))
         contact = None
         if isinstance(data, Mapping) and data.get("id"):
-            contact = structure(data, Contact)
+            try:
+                contact = structure(data, Contact)
+            except UnexpectedResponse:
+                # Engage applied the change; only its copy of the contact is unreadable.
+                log.warning(
+                    "%s: applied, but the contact in the answer could not be read", change.operation
+                )
         return Delivery(queued=False, contact_id=change.contact_id, contact=contact, ref=change.ref)
 
     async def _queued(self, change: NewChange, reason: str) -> Delivery:

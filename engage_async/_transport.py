@@ -1,15 +1,21 @@
 """The one place that touches aiohttp: send a `Call`, get (status, headers, body) back.
 
 It sets the headers Engage requires on every request, draws each request from the API key's
-shared budget (`_budget`), and turns
-aiohttp's exceptions into ours, telling "the request never left" (safe to send again) from
-"it may have been applied". Everything above it (the session, the flusher) speaks only in
-`Call`s and engage-async's exceptions.
+shared budget (`_budget`), reads answers up to `EngageConfig.max_answer_bytes`, and turns
+aiohttp's exceptions into ours,
+telling "the request never left" (safe to send again) from "it may have been applied".
+Everything above it (the session, the flusher) speaks only in `Call`s and engage-async's
+exceptions.
+
+aiohttp's exceptions never leave this module, not even as ``__cause__`` or ``__context__``:
+their text holds the URL with its query (an email) and their request info the API key. Ours
+are raised outside the ``except`` blocks and keep only the network error's name.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,7 +25,13 @@ from yarl import URL
 from ._budget import Budget, Priority
 from ._clock import SYSTEM_CLOCK, Clock
 from ._config import EngageConfig
-from ._errors import EngageConnectionError, EngageTimeout, OutboxError
+from ._errors import (
+    EngageConnectionError,
+    EngageTimeout,
+    EngageUnavailable,
+    OutboxError,
+    UnexpectedResponse,
+)
 from ._http import Call
 
 __all__ = ["Transport"]
@@ -45,6 +57,8 @@ class Transport:
         self._priority = priority
         self._clock = clock
         self._budget: Budget | None = None
+        self._max_answer = config.max_answer_bytes
+        self._key = config.api_key.encode()
         self._headers = {
             "apikey": config.api_key,
             "User-Agent": config.user_agent,
@@ -74,7 +88,7 @@ class Transport:
             )
         except OSError as exc:
             raise OutboxError(
-                f"cannot open the rate budget at {path}: {type(exc).__name__}: {exc}"
+                f"cannot open the rate budget at {path}: {type(exc).__name__}"
             ) from None
         if self._http is None:
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
@@ -94,6 +108,8 @@ class Transport:
             EngageConnectionError: no connection (`request_sent` False) or lost before the
                 answer (`request_sent` True).
             EngageTimeout: no answer in time; the request may have been applied.
+            UnexpectedResponse: the answer is larger than `max_answer_bytes` (compressed, by
+                its Content-Length, or once decompressed); the request may have been applied.
             RuntimeError: the transport was never opened.
         """
         if self._http is None or self._budget is None:
@@ -123,6 +139,7 @@ class Transport:
         assert self._http is not None
         headers = {**self._headers, **dict(call.headers)} if call.headers else self._headers
         url = URL(self._base + call.url_suffix(), encoded=True)
+        failure: EngageUnavailable
         try:
             async with (
                 asyncio.timeout_at(deadline),
@@ -133,22 +150,73 @@ class Transport:
                     headers=headers,
                     allow_redirects=False,
                     raise_for_status=False,
+                    # Even if a lent session turned it off: the size limit is on what we read.
+                    auto_decompress=True,
                 ) as response,
             ):
-                return response.status, response.headers, await response.read()
+                return response.status, response.headers, await self._read(call, response)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             # The connection was never made, so Engage cannot have seen the request.
-            raise EngageConnectionError(
-                f"{call.target}: cannot connect to Engage ({type(exc).__name__})",
+            name = _network_error(exc)
+            failure = EngageConnectionError(
+                f"{call.target}: cannot connect to Engage ({name})",
                 request_sent=False,
-            ) from exc
+                network_error=name,
+            )
         except TimeoutError as exc:
-            raise EngageTimeout(f"{call.target}: no answer within {timeout:.2f} s") from exc
+            failure = EngageTimeout(
+                f"{call.target}: no answer within {timeout:.2f} s",
+                network_error=_network_error(exc),
+            )
         except aiohttp.ClientError as exc:
-            raise EngageConnectionError(
-                f"{call.target}: connection lost before the answer ({type(exc).__name__})",
+            name = _network_error(exc)
+            failure = EngageConnectionError(
+                f"{call.target}: connection lost before the answer ({name})",
                 request_sent=True,
-            ) from exc
+                network_error=name,
+            )
+        # Raised here, outside the handlers, so that aiohttp's exception is not its context.
+        raise failure
+
+    async def _read(self, call: Call, response: aiohttp.ClientResponse) -> bytes:
+        """The answer's body, read as it arrives and given up once past the size limit.
+
+        aiohttp inflates a compressed body a bounded piece at a time as it is read (3.14), so
+        a small gzip stream that would inflate to gigabytes stops here at the limit too.
+        """
+        limit = self._max_answer
+        length = response.content_length
+        if length is not None and length > limit:
+            raise self._too_large(call, response, f"{length:,} bytes announced")
+        body = bytearray()
+        async for chunk in response.content.iter_any():
+            body += chunk
+            if len(body) > limit:
+                raise self._too_large(call, response, "more, once decompressed")
+        # A proxy's debug page may echo the request's headers; nothing keeps the key.
+        return bytes(body).replace(self._key, b"***") if self._key in body else bytes(body)
+
+    def _too_large(
+        self, call: Call, response: aiohttp.ClientResponse, found: str
+    ) -> UnexpectedResponse:
+        # Drop the connection rather than drain what nobody will read.
+        response.close()
+        return UnexpectedResponse(
+            f"{call.target} -> {response.status}: the answer is larger than "
+            f"{self._max_answer:,} bytes ({found}); not an answer Engage gives",
+            status=response.status,
+        )
+
+
+def _network_error(exc: BaseException) -> str:
+    """The exception's class name, with the errno name when there is one (no text: aiohttp's
+    messages hold the URL).
+    """
+    name = type(exc).__name__
+    os_error = getattr(exc, "os_error", exc)
+    number = os_error.errno if isinstance(os_error, OSError) else None
+    code = errno.errorcode.get(number) if isinstance(number, int) else None
+    return f"{name}, {code}" if code else name
 
 
 def budget_path(outbox_path: Path) -> Path:

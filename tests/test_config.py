@@ -227,12 +227,22 @@ def test_identity_ttl_may_be_zero_but_not_negative() -> None:
         ("bulk_threshold", -1),
         ("custom_key_attribute", "email"),
         ("default_contact_type", ""),
+        ("max_answer_bytes", 65535),
+        ("max_answer_bytes", 1.5e7),
     ],
 )
 def test_enumerated_and_bounded_fields_rejected(field: str, value: object) -> None:
     """Values outside a field's allowed set or bounds are refused."""
     with pytest.raises(ValueError, match=field):
         make(**{field: value})
+
+
+def test_max_answer_bytes_default_and_smallest() -> None:
+    """Answers are read up to 8 MiB by default; 64 KiB is the smallest limit accepted."""
+    assert (8 * 1024 * 1024, 65536) == (
+        make().max_answer_bytes,
+        make(max_answer_bytes=65536).max_answer_bytes,
+    )
 
 
 def test_bulk_max_items_upper_bound_is_engages() -> None:
@@ -345,6 +355,7 @@ def test_from_env_reads_every_variable(tmp_path: Path) -> None:
         "ENGAGE_BULK_THRESHOLD": "0",
         "ENGAGE_BULK_MAX_ITEMS": "1000",
         "ENGAGE_BUSY_TIMEOUT": "3",
+        "ENGAGE_MAX_ANSWER_BYTES": "1048576",
     }
 
     config = EngageConfig.from_env(environ)
@@ -373,6 +384,7 @@ def test_from_env_reads_every_variable(tmp_path: Path) -> None:
             bulk_threshold=0,
             bulk_max_items=1000,
             busy_timeout=3.0,
+            max_answer_bytes=1048576,
         )
         == config
     )

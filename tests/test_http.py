@@ -11,6 +11,7 @@ import pytest
 from engage_async import (
     ContactNotFound,
     EngageAuthError,
+    EngageConfigurationError,
     EngageConflict,
     EngageHTTPError,
     EngageServerError,
@@ -364,9 +365,9 @@ def test_read_response_2xx_not_json(contact_call: Call) -> None:
     )
 
 
-@pytest.mark.parametrize("status", [301, 400, 404, 500])
+@pytest.mark.parametrize("status", [400, 404, 500])
 def test_read_response_raises_for_non_2xx(contact_call: Call, status: int) -> None:
-    """Anything outside 2xx raises an EngageHTTPError carrying the status."""
+    """An error status with Engage's body raises an EngageHTTPError carrying the status."""
     with pytest.raises(EngageHTTPError) as info:
         read_response(contact_call, status, {}, b"")
 
@@ -389,7 +390,7 @@ def test_read_response_raises_for_non_2xx(contact_call: Call, status: int) -> No
         (409, "MultipleMatches", MultipleMatches),
         (422, "ValidationError", EngageValidationError),
         (429, None, RateLimited),
-        (500, "InvalidSystemConfiguration", EngageServerError),
+        (500, "InvalidSystemConfiguration", EngageConfigurationError),
         (502, None, EngageServerError),
         (503, None, EngageServerError),
         (504, "RequestTimeOut", EngageServerError),
@@ -404,10 +405,117 @@ def test_status_maps_to_class(contact_call: Call, status: int, code: str | None,
     assert (cls, status, code) == (type(exc), exc.status, exc.error_code)
 
 
-@pytest.mark.parametrize("status", [402, 405, 408, 410, 418])
-def test_other_statuses_are_plain_http_errors(contact_call: Call, status: int) -> None:
-    """A status without its own class is a plain EngageHTTPError."""
-    assert EngageHTTPError is type(error_for_status(contact_call, status, {}, b""))
+@pytest.mark.parametrize(
+    "status", [100, 199, 204, 301, 302, 303, 307, 308, 402, 405, 407, 408, 410, 413, 418, 499]
+)
+def test_undocumented_statuses_are_unexpected(contact_call: Call, status: int) -> None:
+    """A 1xx, a 3xx or a 4xx Engage does not document is no verdict on the request: an
+    `UnexpectedResponse` (outcome unknown, so an `EngageUnavailable`) with its status, whose
+    request may have been applied.
+    """
+    exc = error_for_status(contact_call, status, JSON, body({"errorCode": "Whatever"}))
+
+    assert (UnexpectedResponse, status, True, True) == (
+        type(exc),
+        exc.status,
+        isinstance(exc, EngageUnavailable),
+        exc.request_sent,
+    )
+
+
+@pytest.mark.parametrize("status", [301, 302, 307])
+def test_read_response_raises_for_a_redirect(contact_call: Call, status: int) -> None:
+    """A redirect (a maintenance page, say) is raised as `UnexpectedResponse`, saying it was
+    not followed; the target's query and the Location are not in the message.
+    """
+    headers = {"Location": "https://maintenance.example.com/?from=anna@example.com"}
+
+    with pytest.raises(UnexpectedResponse) as info:
+        read_response(contact_call, status, headers, b"")
+
+    assert f"GET /api/v3/contacts/{GUID} -> {status}: a redirect, not followed" == str(info.value)
+
+
+@pytest.mark.parametrize("status", [400, 404, 409, 422])
+@pytest.mark.parametrize(
+    ("content_type", "raw"),
+    [
+        ("text/html", HTML_502),
+        ("text/html; charset=utf-8", b"   <!DOCTYPE html><html>Not Found</html>"),
+        (None, b"<html><body>Bad Request</body></html>"),
+        ("application/xml", b"<Error><Code>NoSuchKey</Code></Error>"),
+    ],
+)
+def test_verdict_status_under_a_web_page_is_unexpected(
+    contact_call: Call, status: int, content_type: str | None, raw: bytes
+) -> None:
+    """A 400, 404, 409 or 422 whose body is a web page came from a proxy, not Engage: it is
+    `UnexpectedResponse`, never a rejection (nor, for a 404, "no such contact").
+    """
+    headers = {} if content_type is None else {"Content-Type": content_type}
+
+    exc = error_for_status(contact_call, status, headers, raw)
+
+    assert (UnexpectedResponse, status) == (type(exc), exc.status)
+
+
+def test_html_404_on_any_call_is_unexpected(other_call: Call) -> None:
+    """On a call not about a contact too (bulk status), an HTML 404 is a proxy's page."""
+    exc = error_for_status(other_call, 404, {"Content-Type": "text/html"}, b"<html>404</html>")
+
+    assert UnexpectedResponse is type(exc)
+
+
+def test_json_verdict_labelled_html_is_still_a_verdict(contact_call: Call) -> None:
+    """What decides is the body: Engage's JSON stays a verdict whatever its content type."""
+    raw = body({"errorCode": "ValidationError", "message": "Bad zip code"})
+
+    exc = error_for_status(contact_call, 422, {"Content-Type": "text/html"}, raw)
+
+    assert (EngageValidationError, "ValidationError") == (type(exc), exc.error_code)
+
+
+@pytest.mark.parametrize(
+    ("status", "cls"),
+    [(401, EngageAuthError), (403, EngageAuthError), (429, RateLimited), (503, EngageServerError)],
+)
+def test_auth_rate_limit_and_server_errors_keep_their_class_under_html(
+    contact_call: Call, status: int, cls: type
+) -> None:
+    """401, 403, 429 and 5xx mean the same whoever sent them, so a page keeps their class."""
+    exc = error_for_status(contact_call, status, {"Content-Type": "text/html"}, HTML_502)
+
+    assert cls is type(exc)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        body({"errorCode": "InvalidSystemConfiguration", "message": "Misconfigured."}),
+        body({"code": "invalidSystemConfiguration"}),
+        b'"InvalidSystemConfiguration"',
+    ],
+)
+def test_invalid_system_configuration_is_a_configuration_error(
+    contact_call: Call, raw: bytes
+) -> None:
+    """A 5xx ``InvalidSystemConfiguration`` is an `EngageConfigurationError`: a tenant fault
+    waiting does not fix, still a server error (so a write is kept, not lost).
+    """
+    exc = error_for_status(contact_call, 500, JSON, raw)
+
+    assert (EngageConfigurationError, True, True) == (
+        type(exc),
+        isinstance(exc, EngageServerError),
+        isinstance(exc, EngageUnavailable),
+    )
+
+
+def test_other_500_codes_are_plain_server_errors(contact_call: Call) -> None:
+    """Only that code is a configuration fault; "An error has occurred" is an outage."""
+    exc = error_for_status(contact_call, 500, JSON, body({"message": "An error has occurred."}))
+
+    assert EngageServerError is type(exc)
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 504, 599])
@@ -689,12 +797,36 @@ def test_message_details_not_an_object_is_wrapped(contact_call: Call) -> None:
 
 
 def test_body_truncated(contact_call: Call) -> None:
-    """`.body` holds at most MAX_BODY characters of what Engage sent."""
-    raw = b"x" * (_http.MAX_BODY * 3)
+    """`.body` holds the start of what Engage sent, cut at a word to at most MAX_BODY
+    characters and marked as cut.
+    """
+    raw = b"word " * _http.MAX_BODY
 
     exc = error_for_status(contact_call, 500, {"Content-Type": "text/plain"}, raw)
 
-    assert "x" * _http.MAX_BODY == exc.body
+    assert exc.body.endswith("word...")
+    assert raw.decode().startswith(exc.body.removesuffix("..."))
+    assert _http.MAX_BODY - 5 <= len(exc.body) - 3 <= _http.MAX_BODY
+
+
+def test_body_cut_through_personal_data_leaves_no_piece_of_it(contact_call: Call) -> None:
+    """Where the cut at MAX_BODY falls inside an email or a phone number, no piece of it is
+    kept.
+    """
+    for value in ("anna.svensson@example.com", "+46 70 123 45 67", "198506059738"):
+        for shift in range(len(value) + 2):
+            raw = ("x" * (_http.MAX_BODY - shift) + f" {value} more text").encode()
+
+            exc = error_for_status(contact_call, 500, {}, raw)
+
+            assert [] == [p for p in ("anna", "svensson", "46", "1985") if p in exc.body]
+
+
+def test_body_without_word_breaks_is_dropped_when_too_long(contact_call: Call) -> None:
+    """A long body with nowhere safe to cut (one long token) is not kept at all."""
+    exc = error_for_status(contact_call, 500, {}, b"x" * (_http.MAX_BODY * 3))
+
+    assert "..." == exc.body
 
 
 def test_body_with_bad_utf8_does_not_crash(contact_call: Call) -> None:
@@ -709,16 +841,38 @@ def test_body_with_bad_utf8_does_not_crash(contact_call: Call) -> None:
 PERSONAL = ["anna.svensson@example.com", "+46701234567", "198506059738"]
 
 
-def test_message_text_is_scrubbed_in_str(contact_call: Call) -> None:
-    """Personal data echoed in Engage's message stays on `.message` but never reaches str()."""
+def test_message_text_is_scrubbed(contact_call: Call) -> None:
+    """Personal data echoed in Engage's message reaches neither str() nor any attribute;
+    the rest of the text is kept.
+    """
     text = "Invalid: anna.svensson@example.com, +46701234567, 198506059738"
-
-    exc = error_for_status(
-        contact_call, 422, JSON, body({"errorCode": "ValidationError", "message": text})
+    raw = body(
+        {
+            "errorCode": "ValidationError",
+            "message": text,
+            "messageDetails": {"email": [f"{PERSONAL[0]} is taken"], "count": 2, "ok": None},
+        }
     )
 
-    assert text == exc.message
-    assert [] == [value for value in PERSONAL if value in str(exc)]
+    exc = error_for_status(contact_call, 422, JSON, raw)
+
+    assert "Invalid: ***, ***, ***" == exc.message
+    assert {"email": ["*** is taken"], "count": 2, "ok": None} == exc.details
+    assert [] == [value for value in PERSONAL if value in f"{exc} {exc.body} {exc.message}"]
+
+
+def test_multiple_matches_ids_survive_the_scrubbing(contact_call: Call) -> None:
+    """Contact ids are not personal data: scrubbing keeps them in `.details`."""
+    raw = body(
+        {
+            "errorCode": "MultipleMatches",
+            "messageDetails": {"multipleMatchesFound": [GUID, OTHER_GUID]},
+        }
+    )
+
+    exc = error_for_status(contact_call, 409, JSON, raw)
+
+    assert [GUID, OTHER_GUID] == exc.details["multipleMatchesFound"]
 
 
 def test_long_message_is_truncated_in_str(contact_call: Call) -> None:
@@ -814,3 +968,22 @@ def test_read_page(data: object, expected: tuple[list[object], int | None]) -> N
 def test_read_batch_id(data: object, expected: str | None) -> None:
     """The bulk batch id is a bare string, tolerantly an object."""
     assert expected == _http.read_batch_id(data)
+
+
+def test_error_text_loses_the_calls_lookup_values_and_query_strings() -> None:
+    """A page echoing the request keeps none of the lookup's values (a custom key scrubbing
+    alone would miss, in raw and percent-encoded form), no URL query string and no
+    percent-encoded email; the rest of the text stays.
+    """
+    call = _http.contact_id_lookup(V3, {"customKey": "M 12345", "contactType": "Member"})
+    raw = (
+        b"<html>Error at https://t.voyado.com/api/v3/contacts/id?customKey=M%2012345 "
+        b"for M 12345 / M+12345 (mail anna.svensson%40example.com) in Member</html>"
+    )
+
+    exc = error_for_status(call, 500, {"Content-Type": "text/html"}, raw)
+
+    assert (
+        "<html>Error at https://t.voyado.com/api/v3/contacts/id*** for *** / *** "
+        "(mail ***) in Member</html>"
+    ) == exc.body
