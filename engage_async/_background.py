@@ -8,6 +8,7 @@ and every flusher on the outbox holds off. An answer that is about the change it
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from . import _http
@@ -23,7 +24,7 @@ from ._errors import (
     RateLimited,
     UnexpectedResponse,
 )
-from ._flush_run import FlushRun
+from ._flush_run import FlushRun, Stopped
 from ._keys import lookup_parameter
 from ._transport import Transport
 from ._wire import contact_id_from_engage
@@ -60,13 +61,25 @@ class BackgroundCalls:
         """One call: a single attempt with the long timeout.
 
         Raises:
+            Stopped: the flusher is stopping (nothing was sent), or it abandoned the request
+                once the stop's grace was over.
             Outage: nothing came back, or an answer that is not Engage's verdict.
             EngageHTTPError: Engage answered with an error status.
         """
         try:
-            status, headers, body = await self._transport.send(call, self.config.request_timeout)
+            async with asyncio.timeout(None) as bound:
+                run.going_out(bound)
+                status, headers, body = await self._transport.send(
+                    call, self.config.request_timeout
+                )
+        except TimeoutError:
+            # Only a stop reschedules this timeout: the request was abandoned, its fate
+            # unknown (the claim marked a create to be looked up first).
+            raise Stopped from None
         except EngageUnavailable as exc:
             raise Outage(str(exc)) from exc
+        finally:
+            run.came_back()
         try:
             answer = _http.read_response(call, status, headers, body)
         except UnexpectedResponse as exc:

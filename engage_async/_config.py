@@ -202,6 +202,7 @@ class EngageConfig:
     reconcile_max_lookups: int = attrs.field(default=12, validator=_whole(1))
     poll_interval: float = attrs.field(default=1.0, validator=_positive)
     keep_done: float = attrs.field(default=7 * 86400.0, validator=_not_negative)
+    shutdown_timeout: float = attrs.field(default=5.0, validator=_positive)
     # Engage's largest answers (a bulk status listing failures of 4000 items, a page of 100
     # transactions with their lines) are a few MB at most; more is not an answer from Engage.
     max_answer_bytes: int = attrs.field(default=8 * 1024 * 1024, validator=_whole(64 * 1024))
@@ -322,5 +323,6 @@ _ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "reconcile_max_lookups": ("ENGAGE_RECONCILE_MAX_LOOKUPS", _parse_int),
     "poll_interval": ("ENGAGE_POLL_INTERVAL", _parse_number),
     "keep_done": ("ENGAGE_KEEP_DONE", _parse_number),
+    "shutdown_timeout": ("ENGAGE_SHUTDOWN_TIMEOUT", _parse_number),
     "max_answer_bytes": ("ENGAGE_MAX_ANSWER_BYTES", _parse_int),
 }

@@ -8,6 +8,7 @@ that become the `FlushReport`, and whether Engage answered in the current step.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -18,11 +19,15 @@ from ._changes import Change
 from ._models import FlushReport
 from ._store import Failures, OutboxStore
 
-__all__ = ["FlushRun"]
+__all__ = ["FlushRun", "Stopped"]
 
 log = logging.getLogger(__name__)
 
 _COUNTED = tuple(field.name for field in attrs.fields(FlushReport) if field.name != "pending")
+
+
+class Stopped(Exception):
+    """The flusher is stopping: no new request goes out, and the flush ends."""
 
 
 class FlushRun:
@@ -42,6 +47,31 @@ class FlushRun:
         # drained, the last few changes included. Changes that become due later (released
         # after a GUID was found) are a new backlog, judged on their own.
         self.bulk_backlog = False
+        self.stopping = False
+        # The request in flight, as the timeout that abandons it once a stop's grace is over.
+        self._in_flight: asyncio.Timeout | None = None
+        self._abandon_at: float | None = None
+
+    def stop(self, grace: float) -> None:
+        """No new request goes out; the one in flight gets `grace` seconds to be answered."""
+        self.stopping = True
+        self._abandon_at = asyncio.get_running_loop().time() + grace
+        if self._in_flight is not None:
+            self._in_flight.reschedule(self._abandon_at)
+
+    def going_out(self, request: asyncio.Timeout) -> None:
+        """A request is about to go out, bounded by `request` (`asyncio.timeout`).
+
+        Raises:
+            Stopped: the flusher is stopping; the request must not go.
+        """
+        if self.stopping:
+            raise Stopped
+        self._in_flight = request
+
+    def came_back(self) -> None:
+        """The request in flight is over."""
+        self._in_flight = None
 
     def new_step(self) -> None:
         """A step begins: nothing is known yet about Engage in it."""

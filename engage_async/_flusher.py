@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -33,13 +34,13 @@ from ._budget import Priority
 from ._clock import SYSTEM_CLOCK, Clock, wait_for_event
 from ._config import EngageConfig
 from ._errors import EngageAuthError, OutboxError, UnexpectedResponse
-from ._flush_run import FlushRun
+from ._flush_run import FlushRun, Stopped
 from ._lifecycle import Lifecycle
 from ._models import FlushReport
 from ._outbox import SqliteOutbox
 from ._reconciler import Reconciler
 from ._retry import background_delay
-from ._sender import Sender
+from ._sender import Sender, affordable
 from ._store import OutboxStore
 from ._transport import Transport
 from ._xml_export import XmlExport
@@ -85,6 +86,7 @@ class OutboxFlusher:
         self._task: asyncio.Task[None] | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._flushing = asyncio.Lock()
+        self._run: FlushRun | None = None
         self._last_prune: float | None = None
 
     def __repr__(self) -> str:
@@ -123,11 +125,19 @@ class OutboxFlusher:
         self._lifecycle.opened()
 
     async def close(self) -> None:
-        """Stop a background run, give back what this flusher holds, close. Idempotent."""
+        """Stop a background run, give back what this flusher holds, close. Idempotent.
+
+        Returns within about `config.shutdown_timeout` seconds: a request still unanswered
+        then is abandoned, and every claimed change not yet sent is pending again at once.
+        """
         if self._lifecycle.closed:
             return
         self.stop()
         if self._task is not None:
+            # The run gives up its request after the grace; this is the backstop.
+            done, _ = await asyncio.wait({self._task}, timeout=self.config.shutdown_timeout + 5)
+            if not done:
+                self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._lifecycle.closing()
@@ -148,9 +158,17 @@ class OutboxFlusher:
         return self._task
 
     def stop(self) -> None:
-        """Ask `run` to return after the step in progress (a batch on the wire is finished)."""
+        """Ask `run` (and a `flush_once` in progress) to return soon.
+
+        No new request goes out; the one in flight gets `config.shutdown_timeout` seconds to
+        be answered and is abandoned then; every claimed change not yet sent goes back to
+        pending at once (a create whose request was abandoned is looked up before it is sent
+        again).
+        """
         self._stopping = True
         self._wake.set()
+        if self._run is not None:
+            self._run.stop(self.config.shutdown_timeout)
 
     def _ready(self) -> OutboxStore:
         self._lifecycle.check_open()
@@ -244,6 +262,9 @@ class OutboxFlusher:
         store = self._ready()
         run = FlushRun(store, self.owner)
         async with self._flushing:
+            self._run = run
+            if self._stopping:
+                run.stop(self.config.shutdown_timeout)
             keeper = asyncio.create_task(self._keep_leases())
             try:
                 await store.recover_expired()
@@ -263,6 +284,8 @@ class OutboxFlusher:
                         # after an outage, so the retries follow the long schedule.
                         await self._pause_all(Outage(str(exc)), run)
                         break
+                    except Stopped:
+                        break
                     if worked:
                         if on_progress is not None:
                             on_progress(run.report(await store.unfinished_count()))
@@ -273,6 +296,7 @@ class OutboxFlusher:
                     self._wake.clear()
                     await wait_for_event(self._clock, self._wake, wait)
             finally:
+                self._run = None
                 keeper.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await keeper
@@ -298,6 +322,14 @@ class OutboxFlusher:
             if backlog < threshold:
                 backlog += await store.due_count(at_most=threshold)
             run.bulk_backlog = backlog >= threshold
+        # No more than the step can send in the shutdown time; the rest is claimed again next.
+        requests = max(1, math.floor(self.config.rate_limit * self.config.shutdown_timeout))
+        claimed, spare = affordable(
+            claimed,
+            bulk=run.bulk_backlog or self.config.fallback_mode == "xml",
+            requests=requests,
+        )
+        await run.release(spare)
         await self._sender.send(claimed, run)
         return True
 

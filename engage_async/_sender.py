@@ -50,7 +50,7 @@ from ._keys import contact_key
 from ._retry import background_delay
 from ._xml_export import XmlExport
 
-__all__ = ["Routes", "Sender", "route"]
+__all__ = ["Routes", "Sender", "affordable", "route"]
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,40 @@ def route(
         bulk_creates=tuple(c for c in creates if not alone(c)),
         bulk_updates=tuple(c for c in updates if not alone(c)),
     )
+
+
+def _own_requests(change: Change, *, bulk: bool) -> int:
+    """How many requests of its own a claimed change costs in one step (bulk requests are
+    shared by thousands of changes, and not counted).
+    """
+    lookup = int(change.operation is Operation.CREATE and change.lookup_first)
+    alone = (
+        not bulk
+        or change.send_alone
+        or bool(change.query)
+        or change.operation in {Operation.CONTACT_TYPE, Operation.PROMOTE}
+    )
+    return lookup + int(alone)
+
+
+def affordable(
+    claimed: Sequence[Change], *, bulk: bool, requests: int
+) -> tuple[list[Change], list[Change]]:
+    """The claimed changes (oldest first) that one step can send with `requests` requests of
+    their own, and the rest, to give back at once.
+
+    A stopping flusher abandons what it has not sent; sizing each step to what it can send
+    in the shutdown time also keeps it from holding rows other flushers could send.
+    """
+    keep: list[Change] = []
+    spent = 0
+    for index, change in enumerate(claimed):
+        cost = _own_requests(change, bulk=bulk)
+        if keep and spent + cost > requests:
+            return keep, list(claimed[index:])
+        keep.append(change)
+        spent += cost
+    return keep, []
 
 
 class Sender:
