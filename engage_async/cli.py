@@ -113,6 +113,29 @@ def _parser() -> argparse.ArgumentParser:
     validate = admin.add_parser("validate-xml", help="check XML fallback files against the XSD")
     validate.add_argument("paths", nargs="+", metavar="FILE")
 
+    doctor = commands.add_parser(
+        "doctor",
+        help="check, reading only, which of the package's assumptions hold on your tenant",
+        description="Probe the Engage tenant configured by the ENGAGE_* variables with GETs "
+        "only (nothing is created, changed or deleted) and say, for each assumption the "
+        "package makes about Engage's answers, whether it holds. Exit status: 0 all hold, "
+        "1 one differs, 2 Engage cannot be reached or refused the key.",
+    )
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+    doctor.add_argument(
+        "--email",
+        help="email of a contact that exists, for the checks that need one "
+        "(default: $ENGAGE_DOCTOR_EMAIL; the variable keeps it out of the process list)",
+    )
+    doctor.add_argument("--contact-id", help="GUID of a contact that exists")
+    doctor.add_argument("--batch-id", help="id of a bulk batch sent earlier, to read its status")
+    doctor.add_argument("--base-url", help="Engage base URL (default: $ENGAGE_BASE_URL)")
+    doctor.add_argument("--user-agent", help="System/version (default: $ENGAGE_USER_AGENT)")
+    doctor.add_argument("--api-version", type=int, choices=(2, 3), help="default: 3")
+    doctor.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds to wait for each answer (default 10)"
+    )
+
     simulate = commands.add_parser(
         "simulate",
         help="serve FakeEngage for your own integration tests",
@@ -136,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     commands: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
         "demo": _demo,
+        "doctor": _doctor,
         "flush": _flush,
         "outbox": _outbox,
         "simulate": _simulate,
@@ -283,6 +307,36 @@ def _validate_xml(paths: Sequence[str]) -> int:
             print(f"  {problem}")
         failed = failed or bool(problems)
     return 1 if failed else 0
+
+
+# --- doctor ------------------------------------------------------------------------------------
+
+
+async def _doctor(args: argparse.Namespace) -> int:
+    from ._doctor import render_table, run_doctor  # noqa: PLC0415 - only this command needs it
+
+    overrides = {
+        name: value
+        for name, value in (
+            ("base_url", args.base_url),
+            ("user_agent", args.user_agent),
+            ("api_version", args.api_version),
+        )
+        if value is not None
+    }
+    config = EngageConfig.from_env(**overrides)
+    report = await run_doctor(
+        config,
+        email=args.email or os.environ.get("ENGAGE_DOCTOR_EMAIL") or None,
+        contact_id=args.contact_id,
+        batch_id=args.batch_id,
+        timeout=args.timeout,
+    )
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
+    else:
+        print(render_table(report))
+    return report.exit_code
 
 
 # --- simulator ---------------------------------------------------------------------------------
