@@ -139,7 +139,9 @@ def _parser() -> argparse.ArgumentParser:
     simulate = commands.add_parser(
         "simulate",
         help="serve FakeEngage for your own integration tests",
-        description="Serve the Engage simulator on loopback until interrupted.",
+        description="Serve the Engage simulator on loopback until interrupted, with a control "
+        "API on a second port (go down, come up, inject faults, read the request log): see "
+        "the README.",
     )
     simulate.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     simulate.add_argument("--host", default="127.0.0.1")
@@ -147,6 +149,19 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--bulk-delay", type=float, default=0.0, help="seconds per batch")
     simulate.add_argument(
         "--rate-limit", type=float, default=200.0, help="429 above this many requests/s"
+    )
+    simulate.add_argument(
+        "--control-port", type=int, default=0, help="port of the control API (default: a free one)"
+    )
+    simulate.add_argument(
+        "--control-host",
+        default="127.0.0.1",
+        help="address of the control API (default loopback; it has no authentication)",
+    )
+    simulate.add_argument(
+        "--strict-bulk-types",
+        action="store_true",
+        help="fail bulk update items whose contact is not of the request's contact type",
     )
     return parser
 
@@ -343,7 +358,9 @@ async def _doctor(args: argparse.Namespace) -> int:
 
 
 async def _simulate(args: argparse.Namespace) -> int:
-    from .testing import FakeEngage  # noqa: PLC0415 - the simulator is optional at run time
+    # The simulator is optional at run time.
+    from .testing import FakeEngage  # noqa: PLC0415
+    from .testing._control import ControlServer  # noqa: PLC0415
 
     rate_limit = args.rate_limit if args.rate_limit > 0 else None
     async with FakeEngage(
@@ -352,15 +369,22 @@ async def _simulate(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         bulk_delay=args.bulk_delay,
         rate_limit=rate_limit,
+        strict_bulk_types=args.strict_bulk_types,
     ) as fake:
-        print(f"FakeEngage listening on {fake.url} (api key: {fake.api_key})", flush=True)
-        print("Press Ctrl+C to stop.", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for number in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(number, stop.set)
-        await stop.wait()
+        control = ControlServer(fake, host=args.control_host, port=args.control_port)
+        await control.start()
+        try:
+            print(f"FakeEngage listening on {fake.url} (api key: {fake.api_key})", flush=True)
+            print(f"Control API on {control.url}/control", flush=True)
+            print("Press Ctrl+C to stop.", flush=True)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for number in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(number, stop.set)
+            await stop.wait()
+        finally:
+            await control.close()
     return 0
 
 
