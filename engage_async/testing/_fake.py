@@ -30,7 +30,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from ._fake_routes import LIST_SHAPES, Router, is_single_create
-from ._fake_shapes import check_shape, checked_shapes, error_body
+from ._fake_shapes import DEFAULT_SHAPES, check_shape, checked_shapes, error_body
 from ._fake_store import Batch, ContactStore, EngageFailure, StoredContact, now
 from ._fake_traffic import FAULT_KINDS, Fault, FaultKind, RateWindow, RecordedRequest, peak_rate
 
@@ -431,7 +431,7 @@ class FakeEngage:
 
     def _shape_of(self, name: str) -> str:
         if name not in _DEFAULT_SHAPES:
-            shape = self.shapes[name]
+            shape = self.shapes.get(name, DEFAULT_SHAPES[name])
             check_shape(name, shape)
             return shape
         shape = self.list_shapes.get(name, _DEFAULT_SHAPES[name])
