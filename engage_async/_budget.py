@@ -254,21 +254,27 @@ class BudgetFile:
     A process that dies holding it drops it with its descriptor.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | None) -> None:
         self.path = path
-        with contextlib.suppress(FileExistsError):
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        self._fd = os.open(path, os.O_RDWR)
-        try:
-            with self._locked():
-                if os.fstat(self._fd).st_size < _SIZE:
-                    os.ftruncate(self._fd, _SIZE)
-                self._map = mmap.mmap(self._fd, _SIZE)
-                if self._map[: len(_MAGIC)] != _MAGIC:
-                    self._map[:_SIZE] = _MAGIC + bytes(_SIZE - len(_MAGIC))
-        except BaseException:
-            os.close(self._fd)
-            raise
+        if path is None:
+            # This process alone (a probe that must not create files): memory, no lock.
+            self._fd = -1
+            self._map = mmap.mmap(-1, _SIZE)
+            self._map[: len(_MAGIC)] = _MAGIC
+        else:
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            self._fd = os.open(path, os.O_RDWR)
+            try:
+                with self._locked():
+                    if os.fstat(self._fd).st_size < _SIZE:
+                        os.ftruncate(self._fd, _SIZE)
+                    self._map = mmap.mmap(self._fd, _SIZE)
+                    if self._map[: len(_MAGIC)] != _MAGIC:
+                        self._map[:_SIZE] = _MAGIC + bytes(_SIZE - len(_MAGIC))
+            except BaseException:
+                os.close(self._fd)
+                raise
         self._view = memoryview(self._map)
         # key -> (its bytes in the file, its doubles, views by slot count): made once.
         self._records: dict[bytes, tuple[Any, Any, dict[int, _FileRecord]]] = {}
@@ -278,6 +284,9 @@ class BudgetFile:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
+        if self._fd < 0:
+            yield
+            return
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
             yield
@@ -289,6 +298,8 @@ class BudgetFile:
         if the rate changed), atomically across processes.
         """
         with self._thread_lock:
+            if self._fd < 0:
+                return change(self._record(key, slots))
             fcntl.flock(self._fd, fcntl.LOCK_EX)
             try:
                 return change(self._record(key, slots))
@@ -339,7 +350,8 @@ class BudgetFile:
         self._records.clear()
         self._view.release()
         self._map.close()
-        os.close(self._fd)
+        if self._fd >= 0:
+            os.close(self._fd)
 
 
 def budget_key(base_url: str, api_key: str) -> bytes:
@@ -386,7 +398,7 @@ class Budget:
 
     @classmethod
     def shared(
-        cls, *, base_url: str, api_key: str, rate: float, store_path: Path, clock: Clock
+        cls, *, base_url: str, api_key: str, rate: float, store_path: Path | None, clock: Clock
     ) -> Budget:
         """The budget for this tenant and key in this file, made on first use.
 
@@ -397,7 +409,7 @@ class Budget:
             OSError: the file cannot be opened.
         """
         key = budget_key(base_url, api_key)
-        where = str(Path(store_path).resolve())
+        where = "" if store_path is None else str(Path(store_path).resolve())
         registry_key = (base_url, key, where, id(asyncio.get_running_loop()))
         budget = cls._registry.get(registry_key)
         if budget is None:
@@ -405,7 +417,8 @@ class Budget:
             def forget() -> None:
                 cls._registry.pop(registry_key, None)
 
-            budget = cls(BudgetFile(Path(where)), key, rate, clock, on_close=forget)
+            store = BudgetFile(Path(where) if where else None)
+            budget = cls(store, key, rate, clock, on_close=forget)
             cls._registry[registry_key] = budget
         elif rate < budget.rate:
             log.warning("two rate_limit values for one Engage key in this process; using %g", rate)

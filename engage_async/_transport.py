@@ -49,6 +49,7 @@ class Transport:
         *,
         priority: Priority = Priority.INTERACTIVE,
         clock: Clock = SYSTEM_CLOCK,
+        shared_budget: bool = True,
     ) -> None:
         self._http = http
         self._owns_http = http is None
@@ -57,6 +58,7 @@ class Transport:
         self._priority = priority
         self._clock = clock
         self._budget: Budget | None = None
+        self._shared_budget = shared_budget
         self._max_answer = config.max_answer_bytes
         self._key = config.api_key.encode()
         self._headers = {
@@ -77,7 +79,7 @@ class Transport:
         Raises:
             OutboxError: the budget file beside the outbox cannot be opened.
         """
-        path = budget_path(self._config.outbox_path)
+        path = budget_path(self._config.outbox_path) if self._shared_budget else None
         try:
             self._budget = Budget.shared(
                 base_url=self._base,

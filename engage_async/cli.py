@@ -113,10 +113,35 @@ def _parser() -> argparse.ArgumentParser:
     validate = admin.add_parser("validate-xml", help="check XML fallback files against the XSD")
     validate.add_argument("paths", nargs="+", metavar="FILE")
 
+    doctor = commands.add_parser(
+        "doctor",
+        help="check, reading only, which of the package's assumptions hold on your tenant",
+        description="Probe the Engage tenant configured by the ENGAGE_* variables with GETs "
+        "only (nothing is created, changed or deleted) and say, for each assumption the "
+        "package makes about Engage's answers, whether it holds. Exit status: 0 all hold, "
+        "1 one differs, 2 Engage cannot be reached or refused the key.",
+    )
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+    doctor.add_argument(
+        "--email",
+        help="email of a contact that exists, for the checks that need one "
+        "(default: $ENGAGE_DOCTOR_EMAIL; the variable keeps it out of the process list)",
+    )
+    doctor.add_argument("--contact-id", help="GUID of a contact that exists")
+    doctor.add_argument("--batch-id", help="id of a bulk batch sent earlier, to read its status")
+    doctor.add_argument("--base-url", help="Engage base URL (default: $ENGAGE_BASE_URL)")
+    doctor.add_argument("--user-agent", help="System/version (default: $ENGAGE_USER_AGENT)")
+    doctor.add_argument("--api-version", type=int, choices=(2, 3), help="default: 3")
+    doctor.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds to wait for each answer (default 10)"
+    )
+
     simulate = commands.add_parser(
         "simulate",
         help="serve FakeEngage for your own integration tests",
-        description="Serve the Engage simulator on loopback until interrupted.",
+        description="Serve the Engage simulator on loopback until interrupted, with a control "
+        "API on a second port (go down, come up, inject faults, read the request log): see "
+        "the README.",
     )
     simulate.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     simulate.add_argument("--host", default="127.0.0.1")
@@ -124,6 +149,19 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--bulk-delay", type=float, default=0.0, help="seconds per batch")
     simulate.add_argument(
         "--rate-limit", type=float, default=200.0, help="429 above this many requests/s"
+    )
+    simulate.add_argument(
+        "--control-port", type=int, default=0, help="port of the control API (default: a free one)"
+    )
+    simulate.add_argument(
+        "--control-host",
+        default="127.0.0.1",
+        help="address of the control API (default loopback; it has no authentication)",
+    )
+    simulate.add_argument(
+        "--strict-bulk-types",
+        action="store_true",
+        help="fail bulk update items whose contact is not of the request's contact type",
     )
     return parser
 
@@ -136,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     commands: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
         "demo": _demo,
+        "doctor": _doctor,
         "flush": _flush,
         "outbox": _outbox,
         "simulate": _simulate,
@@ -285,11 +324,43 @@ def _validate_xml(paths: Sequence[str]) -> int:
     return 1 if failed else 0
 
 
+# --- doctor ------------------------------------------------------------------------------------
+
+
+async def _doctor(args: argparse.Namespace) -> int:
+    from ._doctor import render_table, run_doctor  # noqa: PLC0415 - only this command needs it
+
+    overrides = {
+        name: value
+        for name, value in (
+            ("base_url", args.base_url),
+            ("user_agent", args.user_agent),
+            ("api_version", args.api_version),
+        )
+        if value is not None
+    }
+    config = EngageConfig.from_env(**overrides)
+    report = await run_doctor(
+        config,
+        email=args.email or os.environ.get("ENGAGE_DOCTOR_EMAIL") or None,
+        contact_id=args.contact_id,
+        batch_id=args.batch_id,
+        timeout=args.timeout,
+    )
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
+    else:
+        print(render_table(report))
+    return report.exit_code
+
+
 # --- simulator ---------------------------------------------------------------------------------
 
 
 async def _simulate(args: argparse.Namespace) -> int:
-    from .testing import FakeEngage  # noqa: PLC0415 - the simulator is optional at run time
+    # The simulator is optional at run time.
+    from .testing import FakeEngage  # noqa: PLC0415
+    from .testing._control import ControlServer  # noqa: PLC0415
 
     rate_limit = args.rate_limit if args.rate_limit > 0 else None
     async with FakeEngage(
@@ -298,15 +369,22 @@ async def _simulate(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         bulk_delay=args.bulk_delay,
         rate_limit=rate_limit,
+        strict_bulk_types=args.strict_bulk_types,
     ) as fake:
-        print(f"FakeEngage listening on {fake.url} (api key: {fake.api_key})", flush=True)
-        print("Press Ctrl+C to stop.", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for number in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(number, stop.set)
-        await stop.wait()
+        control = ControlServer(fake, host=args.control_host, port=args.control_port)
+        await control.start()
+        try:
+            print(f"FakeEngage listening on {fake.url} (api key: {fake.api_key})", flush=True)
+            print(f"Control API on {control.url}/control", flush=True)
+            print("Press Ctrl+C to stop.", flush=True)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for number in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(number, stop.set)
+            await stop.wait()
+        finally:
+            await control.close()
     return 0
 
 

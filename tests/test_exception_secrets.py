@@ -20,7 +20,7 @@ from urllib.parse import quote, quote_plus
 
 import aiohttp
 import pytest
-from conftest import make_config
+from helpers import make_config
 
 import engage_async as ea
 from engage_async.testing import FakeEngage

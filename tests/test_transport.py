@@ -23,7 +23,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from conftest import make_config
+from helpers import make_config
 
 import engage_async as ea
 from engage_async._http import Call

@@ -30,6 +30,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from ._fake_routes import LIST_SHAPES, Router, is_single_create
+from ._fake_shapes import DEFAULT_SHAPES, check_shape, checked_shapes, error_body
 from ._fake_store import Batch, ContactStore, EngageFailure, StoredContact, now
 from ._fake_traffic import FAULT_KINDS, Fault, FaultKind, RateWindow, RecordedRequest, peak_rate
 
@@ -68,12 +69,6 @@ def _json_response(
         charset="utf-8",
         headers=headers,
     )
-
-
-def _failure_response(
-    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
-) -> web.Response:
-    return _json_response(status, EngageFailure(status, code, message).payload(), headers)
 
 
 def _abort(request: web.BaseRequest) -> web.Response:
@@ -121,6 +116,15 @@ class FakeEngage:
         rate_limit: requests admitted per second per api key, in a sliding one-second window;
             more are answered 429. None turns the limit off. May be changed at any time.
         record_requests: whether to keep every request in `requests`.
+        default_contact_type: the tenant's default contact type, one of `contact_types`: a
+            bulk request without `contactType` is applied under it.
+        strict_bulk_types: as Engage does, fail each bulk update item whose contact is not of
+            the request's contact type (`ContactTypeMismatch` in the batch status, nothing
+            applied). Off by default for now: engage-async's flusher still sends bulk updates
+            without `contactType`; the default turns on once it does. May be changed at any
+            time; it applies to batches processed after the change.
+        shapes: how to word the answers Engage publishes no schema for, by shape name; see
+            `shapes` below. Unnamed shapes keep their defaults.
     """
 
     api_key: str = "fake-api-key"
@@ -131,6 +135,15 @@ class FakeEngage:
     bulk_delay: float = 0.0
     rate_limit: float | None = 200.0
     record_requests: bool = True
+    default_contact_type: str = "Member"
+    strict_bulk_types: bool = False
+    shapes: dict[str, str] = attrs.field(factory=dict, converter=checked_shapes)
+    """The chosen answer shapes, by name: ``error_body`` (``error_code``, ``code_detail``,
+    ``error``, ``string``), ``contact_id`` (``string``, ``contactId``, ``id``), ``batch_id``
+    (``string``, ``batchId``), ``batch_status`` (``status``, ``state``),
+    ``transactions_path`` (``query``, ``path``) and ``rate_limit_headers`` (``absent``,
+    ``present``); the first of each is the default. May be changed at any time. The
+    `engage_async.testing._fake_shapes` docstring shows each shape."""
 
     requests: list[RecordedRequest] = attrs.field(factory=list, init=False)
     """Every request that reached the server, in order (faulted ones included)."""
@@ -153,7 +166,14 @@ class FakeEngage:
 
     def __attrs_post_init__(self) -> None:
         self._store = ContactStore(dict(self.contact_types), self.custom_key)
-        self._router = Router(self._store, self._schedule_batch, self._shape_of)
+        try:
+            default_type = self._store.canonical_type(self.default_contact_type)
+        except EngageFailure:
+            raise ValueError(
+                f"default_contact_type: {self.default_contact_type!r} is not one of "
+                f"contact_types {sorted(self.contact_types)}"
+            ) from None
+        self._router = Router(self._store, self._schedule_batch, self._shape_of, default_type)
 
     def __repr__(self) -> str:
         state = "closed" if self._closing.is_set() else "down" if self.is_down else "up"
@@ -410,10 +430,20 @@ class FakeEngage:
         return self._store.contacts[contact_id.lower()]
 
     def _shape_of(self, name: str) -> str:
+        if name not in _DEFAULT_SHAPES:
+            shape = self.shapes.get(name, DEFAULT_SHAPES[name])
+            check_shape(name, shape)
+            return shape
         shape = self.list_shapes.get(name, _DEFAULT_SHAPES[name])
         if shape not in LIST_SHAPES:
             raise ValueError(f"list_shapes[{name!r}] must be one of {sorted(LIST_SHAPES)}")
         return shape
+
+    def _failure_response(
+        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    ) -> web.Response:
+        body = error_body(EngageFailure(status, code, message), self._shape_of("error_body"))
+        return _json_response(status, body, headers)
 
     # Faults ----------------------------------------------------------------------------------
 
@@ -520,17 +550,16 @@ class FakeEngage:
             return self._status_fault(fault)
         if kind == "rate_limited":
             headers = {} if fault.retry_after is None else {"Retry-After": f"{fault.retry_after:g}"}
-            return _failure_response(429, "TooManyRequests", "Rate limit exceeded.", headers)
+            return self._failure_response(429, "TooManyRequests", "Rate limit exceeded.", headers)
         if kind == "create_timeout":
-            return _failure_response(504, "RequestTimeOut", "The request timed out.")
+            return self._failure_response(504, "RequestTimeOut", "The request timed out.")
         return None  # lost_reply and being_created act on the answer
 
     def _status_fault(self, fault: Fault) -> web.Response:
         body = fault.body
         if body is None:
-            body = EngageFailure(
-                fault.status, _error_code(fault.status), _phrase(fault.status)
-            ).payload()
+            failure = EngageFailure(fault.status, _error_code(fault.status), _phrase(fault.status))
+            body = error_body(failure, self._shape_of("error_body"))
         if isinstance(body, str):
             body = body.encode()
         elif not isinstance(body, bytes):
@@ -563,14 +592,24 @@ class FakeEngage:
         if fault is not None:
             early = await self._fault_first(fault, request)
             if early is not None:
-                return early
+                return self._with_rate_headers(early)
         response = self._answer(request, method, path, body)
         if fault is not None and fault.kind == "lost_reply":
             return _abort(request)
         if fault is not None and fault.kind == "being_created" and response.status == 201:
-            return _failure_response(
+            response = self._failure_response(
                 409, "ContactWithKeyIsBeingCreated", "A contact with that key is being created."
             )
+        return self._with_rate_headers(response)
+
+    def _with_rate_headers(self, response: web.Response) -> web.Response:
+        """Add ``X-RateLimit-*`` headers when that shape is chosen and a limit is set."""
+        limit = self.rate_limit
+        if self._shape_of("rate_limit_headers") != "present" or limit is None:
+            return response
+        used = self._rates.used(self.api_key, time.monotonic())
+        response.headers["X-RateLimit-Limit"] = f"{limit:g}"
+        response.headers["X-RateLimit-Remaining"] = str(max(0, int(limit) - used))
         return response
 
     def _answer(
@@ -578,21 +617,21 @@ class FakeEngage:
     ) -> web.Response:
         headers = request.headers
         if headers.get("apikey") != self.api_key:
-            return _failure_response(401, "Unauthorized", "The api key is missing or wrong.")
+            return self._failure_response(401, "Unauthorized", "The api key is missing or wrong.")
         if not _is_json(headers.get("Content-Type")):
             return _json_response(500, dict(_GENERIC_ERROR))
         if not _is_system_version(headers.get("User-Agent")):
-            return _failure_response(
+            return self._failure_response(
                 400, "InvalidUserAgent", "Send a User-Agent of the form System/version."
             )
         if self.rate_limit is not None and not self._rates.admit(
             self.api_key, time.monotonic(), self.rate_limit
         ):
-            return _failure_response(429, "TooManyRequests", "Rate limit exceeded.")
+            return self._failure_response(429, "TooManyRequests", "Rate limit exceeded.")
         query = _case_insensitive_query(request)
         reply = self._router.dispatch(method, path, query, headers, body)
         if reply is None:
-            return _failure_response(404, "NotFound", "No such endpoint.")
+            return self._failure_response(404, "NotFound", "No such endpoint.")
         return _json_response(reply.status, reply.body)
 
     # Bulk processing -------------------------------------------------------------------------
@@ -634,4 +673,4 @@ class FakeEngage:
         timer = self._timers.pop(batch.id, None)
         if timer is not None:
             timer.cancel()
-        self._store.process_batch(batch)
+        self._store.process_batch(batch, strict_types=self.strict_bulk_types)

@@ -14,6 +14,7 @@ from typing import Any, Final
 
 import attrs
 
+from ._fake_shapes import batch_id_body, batch_status_body, contact_id_body, error_body
 from ._fake_store import (
     LOOKUP_PARAMETERS,
     Batch,
@@ -70,6 +71,8 @@ class _Route:
     pattern: re.Pattern[str]
     versions: frozenset[int]
     handler: Handler
+    # (shape, choice): the route exists only while that answer shape is chosen.
+    only_if: tuple[str, str] | None = None
 
 
 def _pattern(path: str) -> re.Pattern[str]:
@@ -133,36 +136,42 @@ class Router:
     Args:
         store: the contacts.
         on_batch: called with each accepted bulk batch; decides when it is processed.
-        shape_of: returns `"paged"` or `"array"` for a list endpoint name.
+        shape_of: returns the chosen answer shape by name: `"paged"` or `"array"` for a list
+            endpoint, one of `_fake_shapes.SHAPES` for the others.
+        default_contact_type: the tenant's default contact type (canonical spelling), which
+            a bulk request without `contactType` is applied under.
     """
 
     store: ContactStore
     on_batch: Callable[[Batch], None]
     shape_of: Callable[[str], str]
+    default_contact_type: str = "Member"
     _routes: list[_Route] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         both, v2, v3 = frozenset({2, 3}), frozenset({2}), frozenset({3})
+        query_style, path_style = ("transactions_path", "query"), ("transactions_path", "path")
         # Fixed segments first: `/contacts/bulk` must not be read as a contact id.
-        table: list[tuple[str, str, frozenset[int], Handler]] = [
-            ("GET", "/contacts/id", both, self._find_id),
-            ("GET", "/contactoverview", both, self._overview),
-            ("GET", "/contacts/bulk/status", both, self._bulk_status),
-            ("POST", "/contacts/bulk", both, self._bulk_create),
-            ("PATCH", "/contacts/bulk", both, self._bulk_update),
-            ("GET", "/contacts/transactions", v3, self._transactions),
-            ("GET", "/promotion-assignments", v3, self._promotions),
-            ("GET", "/point-accounts", both, self._point_accounts),
-            ("POST", "/contacts", both, self._create),
-            ("GET", "/contacts/{id}", both, self._get_contact),
-            ("PATCH", "/contacts/{id}", v3, self._update),
-            ("POST", "/contacts/{id}", v2, self._update),
-            ("POST", "/contacts/{id}/updateContactType", both, self._update_type),
-            ("POST", "/contacts/{id}/promoteToMember", v2, self._promote),
-            ("GET", "/contacts/{id}/transactions", v2, self._transactions),
-            ("GET", "/contacts/{id}/promotions", v2, self._promotions),
+        table: list[tuple[str, str, frozenset[int], Handler, tuple[str, str] | None]] = [
+            ("GET", "/contacts/id", both, self._find_id, None),
+            ("GET", "/contactoverview", both, self._overview, None),
+            ("GET", "/contacts/bulk/status", both, self._bulk_status, None),
+            ("POST", "/contacts/bulk", both, self._bulk_create, None),
+            ("PATCH", "/contacts/bulk", both, self._bulk_update, None),
+            ("GET", "/contacts/transactions", v3, self._transactions, query_style),
+            ("GET", "/promotion-assignments", v3, self._promotions, None),
+            ("GET", "/point-accounts", both, self._point_accounts, None),
+            ("POST", "/contacts", both, self._create, None),
+            ("GET", "/contacts/{id}", both, self._get_contact, None),
+            ("PATCH", "/contacts/{id}", v3, self._update, None),
+            ("POST", "/contacts/{id}", v2, self._update, None),
+            ("POST", "/contacts/{id}/updateContactType", both, self._update_type, None),
+            ("POST", "/contacts/{id}/promoteToMember", v2, self._promote, None),
+            ("GET", "/contacts/{id}/transactions", v2, self._transactions, None),
+            ("GET", "/contacts/{id}/transactions", v3, self._transactions, path_style),
+            ("GET", "/contacts/{id}/promotions", v2, self._promotions, None),
         ]
-        self._routes = [_Route(m, _pattern(p), v, h) for m, p, v, h in table]
+        self._routes = [_Route(m, _pattern(p), v, h, only) for m, p, v, h, only in table]
 
     def dispatch(
         self,
@@ -180,6 +189,8 @@ class Router:
         for route in self._routes:
             if route.method != method or version not in route.versions:
                 continue
+            if route.only_if is not None and self.shape_of(route.only_if[0]) != route.only_if[1]:
+                continue
             match = route.pattern.fullmatch(rest)
             if match is None:
                 continue
@@ -187,7 +198,7 @@ class Router:
             try:
                 return route.handler(call)
             except EngageFailure as failure:
-                return Reply(failure.status, failure.payload())
+                return Reply(failure.status, error_body(failure, self.shape_of("error_body")))
         return None
 
     # Finding contacts ------------------------------------------------------------------------
@@ -202,10 +213,14 @@ class Router:
 
     def _find_id(self, call: Call) -> Reply:
         contact_type = self._optional_type(call)
-        return Reply(200, _single(self.store.lookup(self._identifiers(call), contact_type)))
+        contact_id = _single(self.store.lookup(self._identifiers(call), contact_type))
+        return Reply(200, contact_id_body(contact_id, self.shape_of("contact_id")))
 
     def _overview(self, call: Call) -> Reply:
         contact_type = self._optional_type(call)
+        if call.version == 2 and contact_type is None:
+            # The v2 page asks for contactType on every call, contactId or not.
+            raise EngageFailure(400, "InvalidContactType", "contactType is required in API v2.")
         raw_id = call.query.get("contactId")
         if raw_id:
             contact = self.store.get(parse_contact_id(raw_id))
@@ -261,6 +276,9 @@ class Router:
         return Reply(200, self.store.contact_json(contact))
 
     def _promote(self, call: Call) -> Reply:
+        """v2 promoteToMember: the body holds fields to set (the ones a Member requires and
+        the contact lacks); an optional `source` header says where the promotion came from.
+        """
         contact_id = parse_contact_id(call.path_id)
         changes = _decode(call.body) or {}
         if not isinstance(changes, dict):
@@ -268,6 +286,7 @@ class Router:
         member = self.store.canonical_type("Member")
         contact = self.store.get(contact_id)
         self.store.change_type(contact, member, changes)
+        contact.promotion_source = call.headers.get("source") or None
         return Reply(200, self.store.contact_json(contact))
 
     # Lists -----------------------------------------------------------------------------------
@@ -325,14 +344,18 @@ class Router:
             raise EngageFailure(
                 400, "TooManyContacts", f"At most {MAX_BULK_ITEMS} contacts per request."
             )
-        contact_type = self.store.canonical_type(call.query.get("contactType") or "Member")
-        # Engage documents avoidTriggeringExport as meaningful for updates only.
-        avoid_export = kind == "update" and _flag(call.query, "avoidTriggeringExport")
+        # Engage applies the whole request under one type: the tenant's default unless given.
+        contact_type = self.store.canonical_type(
+            call.query.get("contactType") or self.default_contact_type
+        )
+        # Engage documents avoidTriggeringExport as having an effect on updates only: a
+        # create takes it (a malformed value is still refused) and ignores it.
+        avoid_export = _flag(call.query, "avoidTriggeringExport") and kind == "update"
         batch = self.store.submit_batch(
             kind, contact_type, items, avoid_triggering_export=avoid_export
         )
         self.on_batch(batch)
-        return Reply(202, batch.id)
+        return Reply(202, batch_id_body(batch.id, self.shape_of("batch_id")))
 
     def _bulk_create(self, call: Call) -> Reply:
         return self._bulk(call, "create")
@@ -347,4 +370,4 @@ class Router:
         batch = self.store.batches.get(raw.lower())
         if batch is None:
             raise EngageFailure(404, "BatchNotFound", "No batch has that id.")
-        return Reply(200, batch.status_json())
+        return Reply(200, batch_status_body(batch, self.shape_of("batch_status")))

@@ -189,6 +189,8 @@ class StoredContact:
     consents: list[dict[str, Any]] = attrs.field(factory=list, repr=False)
     source: str | None = None
     store_external_id: str | None = None
+    # The `source` header of the v2 promoteToMember that made it a Member, if any.
+    promotion_source: str | None = None
     source_type: str = "API"
     created_on: dt.datetime = attrs.field(factory=now)
     modified_on: dt.datetime = attrs.field(factory=now)
@@ -562,8 +564,13 @@ class ContactStore:
         self.batches[batch.id] = batch
         return batch
 
-    def process_batch(self, batch: Batch) -> None:
-        """Apply every item of a pending batch, each on its own, noting per-item failures."""
+    def process_batch(self, batch: Batch, *, strict_types: bool = True) -> None:
+        """Apply every item of a pending batch, each on its own, noting per-item failures.
+
+        Creates make contacts of the batch's type. With `strict_types`, as Engage does, an
+        update of a contact of another type fails with `ContactTypeMismatch` and is not
+        applied; without, it is applied whatever the contact's type.
+        """
         if batch.status != "Pending":
             return
         stamp = now()
@@ -576,7 +583,8 @@ class ContactStore:
                     contact_id = self.create(item, contact_type=batch.contact_type, at=stamp).id
                 else:
                     contact_id = parse_contact_id(item.get("contactId", item.get("id")))
-                    self._bulk_update(contact_id, item, stamp)
+                    wanted = batch.contact_type if strict_types else None
+                    self._bulk_update(contact_id, wanted, item, stamp)
             except EngageFailure as failure:
                 batch.contact_ids.append(None)
                 batch.failures.append(
@@ -592,8 +600,16 @@ class ContactStore:
         batch.status = "Finished"
         batch.processed_at = dt.datetime.now(dt.UTC)
 
-    def _bulk_update(self, contact_id: str, item: dict[str, Any], stamp: dt.datetime) -> None:
+    def _bulk_update(
+        self, contact_id: str, contact_type: str | None, item: dict[str, Any], stamp: dt.datetime
+    ) -> None:
         contact = self.get(contact_id)
+        if contact_type is not None and contact.contact_type != contact_type:
+            raise EngageFailure(
+                400,
+                "ContactTypeMismatch",
+                f"The contact is not of this request's type, {contact_type}.",
+            )
         if all(name in ("contactId", "id") for name in item):
             raise EngageFailure(400, "NoData", "The item holds nothing to update.")
         self.update(contact, item, at=stamp)

@@ -99,13 +99,21 @@ class RateWindow:
 
     def admit(self, key: str, at: float, limit: float) -> bool:
         """Admit (and count) a request at time `at`, or return False if it is over `limit`."""
-        times = self._admitted.setdefault(key, collections.deque())
-        while times and at - times[0] >= self.span:
-            times.popleft()
+        times = self._window(key, at)
         if len(times) >= limit:
             return False
         times.append(at)
         return True
+
+    def used(self, key: str, at: float) -> int:
+        """Return how many requests were admitted in the span before time `at`."""
+        return len(self._window(key, at))
+
+    def _window(self, key: str, at: float) -> collections.deque[float]:
+        times = self._admitted.setdefault(key, collections.deque())
+        while times and at - times[0] >= self.span:
+            times.popleft()
+        return times
 
 
 def peak_rate(times: Sequence[float], window: float) -> int:
