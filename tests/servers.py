@@ -210,6 +210,14 @@ class Sshd:
         self.stop()
         self.start()
 
+    def freeze(self) -> None:
+        """Stop the server's processes (SIGSTOP): connections stay open and nothing answers."""
+        if self.process is None:
+            return
+        for pid in [self.process.pid, *_descendants(self.process.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+
 
 def _user() -> str:
     import pwd
