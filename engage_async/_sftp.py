@@ -439,6 +439,10 @@ class XmlUploader:
             raise SftpRefused(
                 f"{self._where()} refused writing to sftp_dir {config.sftp_dir!r}: {_describe(exc)}"
             ) from exc
+        if isinstance(exc, ssh.SFTPOpUnsupported):
+            raise SftpRefused(
+                f"{self._where()} does not support a step of the upload: {_describe(exc)}"
+            ) from exc
         if isinstance(exc, OSError | TimeoutError | ssh.DisconnectError | ssh.SFTPError):
             return  # refused, reset, lost, timed out, server-side failure: worth waiting for
         raise exc

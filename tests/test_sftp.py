@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import asyncssh
 import pytest
 from helpers import make_config
 from servers import Sshd, make_key
@@ -450,6 +451,38 @@ async def test_missing_remote_directory_is_refused(
         await XmlUploader(config, sleep=sleeps).upload_pending()
 
     assert ([], True) == (sleeps.delays, path.exists())
+
+
+@pytest.mark.parametrize(
+    ("error", "outcome"),
+    [
+        (ConnectionRefusedError(111, "refused"), "retry"),
+        (TimeoutError(), "retry"),
+        (asyncssh.ConnectionLost("Server not responding to keepalive"), "retry"),
+        (asyncssh.SFTPConnectionLost("lost"), "retry"),
+        (asyncssh.SFTPFailure("disk trouble"), "retry"),
+        (asyncssh.HostKeyNotVerifiable("no match"), "refused"),
+        (asyncssh.PermissionDenied("no"), "refused"),
+        (asyncssh.SFTPPermissionDenied("no"), "refused"),
+        (asyncssh.SFTPOpUnsupported("rename"), "refused"),
+        (ValueError("a bug"), "raised as is"),
+    ],
+)
+def test_which_failures_are_worth_waiting_for(
+    tmp_path: Path, sshd: Sshd, error: Exception, outcome: str
+) -> None:
+    """Transport trouble is retried; a refusal is SftpRefused; anything else is not hidden."""
+    uploader = XmlUploader(_config(tmp_path, sshd, tmp_path))
+
+    try:
+        uploader._refuse_if_fatal(error)
+        actual = "retry"
+    except SftpRefused:
+        actual = "refused"
+    except ValueError as exc:
+        actual = "raised as is" if exc is error else "other"
+
+    assert outcome == actual
 
 
 # --- construction and configuration -------------------------------------------------------------
