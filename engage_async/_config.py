@@ -144,6 +144,30 @@ def _xml_dir(value: str | os.PathLike[str]) -> Path:
     return _path(value, "xml_dir")
 
 
+def _sftp_key_path(value: str | os.PathLike[str] | None) -> Path | None:
+    return None if value is None else _path(value, "sftp_key_path")
+
+
+def _sftp_known_hosts(value: str | os.PathLike[str] | None) -> Path | None:
+    return None if value is None else _path(value, "sftp_known_hosts")
+
+
+def _optional_name(_: Any, attribute: attrs.Attribute[str | None], value: str | None) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{attribute.name}: must not be empty")
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError(f"{attribute.name}: must not contain whitespace or control characters")
+
+
+def _remote_dir(_: Any, attribute: attrs.Attribute[str], value: str) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{attribute.name}: must not be empty")
+    if any(not c.isprintable() for c in value):
+        raise ValueError(f"{attribute.name}: must not contain control characters")
+
+
 def _frozen_mapping(value: Mapping[str, str]) -> Mapping[str, str]:
     # Read-only, so no one can slip an unchecked key type in after validation.
     return MappingProxyType(dict(value))
@@ -206,6 +230,14 @@ class EngageConfig:
     # Engage's largest answers (a bulk status listing failures of 4000 items, a page of 100
     # transactions with their lines) are a few MB at most; more is not an answer from Engage.
     max_answer_bytes: int = attrs.field(default=8 * 1024 * 1024, validator=_whole(64 * 1024))
+    # Uploading XML files to Engage's SFTP server: off unless sftp_host is set.
+    sftp_host: str | None = attrs.field(default=None, validator=_optional_name)
+    sftp_port: int = attrs.field(default=22, validator=_whole(1, 65535))
+    sftp_user: str | None = attrs.field(default=None, validator=_optional_name)
+    sftp_key_path: Path | None = attrs.field(default=None, converter=_sftp_key_path)
+    sftp_known_hosts: Path | None = attrs.field(default=None, converter=_sftp_known_hosts)
+    # "." is the login directory, which is right whether or not the account is chrooted.
+    sftp_dir: str = attrs.field(default=".", validator=_remote_dir)
 
     def __attrs_post_init__(self) -> None:
         for low, high in (
@@ -214,6 +246,24 @@ class EngageConfig:
         ):
             if getattr(self, low) > getattr(self, high):
                 raise ValueError(f"{low}: must not be greater than {high}")
+        self._check_sftp()
+
+    def _check_sftp(self) -> None:
+        # All or nothing: half a configuration would silently leave files unsent.
+        needed = ("sftp_user", "sftp_key_path", "sftp_known_hosts")
+        if self.sftp_host is not None:
+            for name in needed:
+                if getattr(self, name) is None:
+                    raise ValueError(f"{name}: must be set when sftp_host is set")
+            return
+        for name in (*needed, "sftp_port", "sftp_dir"):
+            if getattr(self, name) != _SFTP_UNSET[name]:
+                raise ValueError(f"sftp_host: must be set when {name} is set")
+
+    @property
+    def sftp_enabled(self) -> bool:
+        """Whether XML files are to be uploaded to Engage's SFTP server."""
+        return self.sftp_host is not None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> EngageConfig:
@@ -256,6 +306,15 @@ class EngageConfig:
             if name.lower() == contact_type.lower():
                 return key
         return None
+
+
+_SFTP_UNSET: dict[str, Any] = {
+    "sftp_user": None,
+    "sftp_key_path": None,
+    "sftp_known_hosts": None,
+    "sftp_port": 22,
+    "sftp_dir": ".",
+}
 
 
 def _parse_number(raw: str) -> float:
@@ -325,4 +384,10 @@ _ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "keep_done": ("ENGAGE_KEEP_DONE", _parse_number),
     "shutdown_timeout": ("ENGAGE_SHUTDOWN_TIMEOUT", _parse_number),
     "max_answer_bytes": ("ENGAGE_MAX_ANSWER_BYTES", _parse_int),
+    "sftp_host": ("ENGAGE_SFTP_HOST", _same),
+    "sftp_port": ("ENGAGE_SFTP_PORT", _parse_int),
+    "sftp_user": ("ENGAGE_SFTP_USER", _same),
+    "sftp_key_path": ("ENGAGE_SFTP_KEY_PATH", _same),
+    "sftp_known_hosts": ("ENGAGE_SFTP_KNOWN_HOSTS", _same),
+    "sftp_dir": ("ENGAGE_SFTP_DIR", _same),
 }

@@ -37,6 +37,8 @@ class _ShimResponse(ClientResponse):
 # Harmless once fixed upstream: it only fills in the argument when aioresponses leaves it out.
 aioresponses.core.ClientResponse = _ShimResponse  # type: ignore[misc]
 
+pytest_plugins = ["servers"]  # real sshd and PostgreSQL fixtures: tests/servers.py
+
 
 @pytest.fixture(name="fake")
 async def fake_fixture() -> AsyncIterator[FakeEngage]:
