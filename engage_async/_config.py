@@ -7,10 +7,11 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import attrs
 
@@ -22,6 +23,7 @@ _USER_AGENT = re.compile(
     r"[^/\s\x00-\x1f\x7f][^/\x00-\x1f\x7f]*/[^\s\x00-\x1f\x7f]+[^\x00-\x1f\x7f]*"
 )
 
+_MAX_PORT = 65535
 # Every validator's message starts with "<field>: " so that from_env can name the variable.
 _Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
 
@@ -35,10 +37,33 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _port(parts: SplitResult) -> int | None:
+    """The URL's port, or -1 when it is malformed (urlsplit raises only on access)."""
+    try:
+        return parts.port
+    except ValueError:
+        return -1
+
+
 def _check_base_url(_: Any, attribute: attrs.Attribute[str], value: str) -> None:
-    parts = urlsplit(value)
-    if parts.scheme not in {"http", "https"} or not parts.hostname:
+    # urlsplit silently drops tabs and newlines, so the URL checked would not be the URL kept.
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError(f"{attribute.name}: must not contain whitespace or control characters")
+    try:
+        parts: SplitResult | None = urlsplit(value)
+    except ValueError:
+        parts = None  # a malformed IPv6 host; raised below, outside this handler's context
+    if parts is None or parts.scheme not in {"http", "https"} or not parts.hostname:
         raise ValueError(f"{attribute.name}: must be an absolute http(s) URL")
+    if "@" in parts.netloc:
+        # Never repeated: user info is a credential. Engage takes the API key as a header.
+        raise ValueError(
+            f"{attribute.name}: must not contain user info (user:password@); "
+            "the API key goes in api_key"
+        )
+    port = _port(parts)
+    if (port is not None and not 0 < port <= _MAX_PORT) or parts.netloc.endswith(":"):
+        raise ValueError(f"{attribute.name}: the port must be a number from 1 to {_MAX_PORT}")
     if parts.scheme == "http" and not _is_loopback(parts.hostname):
         raise ValueError(f"{attribute.name}: must use https unless the host is loopback")
     if parts.path not in {"", "/"}:
@@ -48,14 +73,14 @@ def _check_base_url(_: Any, attribute: attrs.Attribute[str], value: str) -> None
 
 
 def _check_api_key(_: Any, attribute: attrs.Attribute[str], value: str) -> None:
-    if not isinstance(value, str) or not value.strip():
+    if not _str(attribute.name, value).strip():
         raise ValueError(f"{attribute.name}: must not be empty")
     if any(c.isspace() or not c.isprintable() for c in value):
         raise ValueError(f"{attribute.name}: must not contain whitespace or control characters")
 
 
 def _check_user_agent(_: Any, attribute: attrs.Attribute[str], value: str) -> None:
-    if not isinstance(value, str) or not _USER_AGENT.fullmatch(value):
+    if not _USER_AGENT.fullmatch(_str(attribute.name, value)):
         raise ValueError(f'{attribute.name}: must look like "System/version", e.g. "AcmePOS/1.5"')
 
 
@@ -88,16 +113,38 @@ def _whole(low: int, high: int | None = None) -> _Validator:
 
 def _one_of(*choices: object) -> _Validator:
     def check(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if value not in choices or isinstance(value, bool):
+        # By type too: 3.0 == 3 and True == 1, but "/api/v3.0" is no path Engage knows.
+        if isinstance(value, bool) or not any(
+            isinstance(value, type(choice)) and value == choice for choice in choices
+        ):
             listed = ", ".join(repr(choice) for choice in choices)
             raise ValueError(f"{attribute.name}: must be one of {listed}")
 
     return check
 
 
+def _str(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{name}: must be a str, not {type(value).__name__}")
+    return value
+
+
+def _has_control_characters(text: str) -> bool:
+    return any(c < " " or c == "\x7f" for c in text)
+
+
+def _check_name(name: str, given: object) -> None:
+    value = _str(name, given)
+    if not value.strip():
+        raise ValueError(f"{name}: must not be empty")
+    # A contact type goes into query strings and XML element names; a stray "\r" from an env
+    # file edited on Windows would make it another type.
+    if value != value.strip() or _has_control_characters(value):
+        raise ValueError(f"{name}: must not have control characters or surrounding spaces")
+
+
 def _name(_: Any, attribute: attrs.Attribute[str], value: str) -> None:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{attribute.name}: must not be empty")
+    _check_name(attribute.name, value)
 
 
 def _delays(
@@ -108,7 +155,15 @@ def _delays(
 
 
 def _contact_keys(_: Any, attribute: attrs.Attribute[Mapping[str, str]], value: Any) -> None:
+    seen: set[str] = set()
     for contact_type, key in value.items():
+        _check_name(f"{attribute.name}[{contact_type!r}]", contact_type)
+        if contact_type.lower() in seen:
+            # key_attribute_for matches without regard to case: one of them would be ignored.
+            raise ValueError(
+                f"{attribute.name}: {contact_type.lower()!r} is given twice (in any letter case)"
+            )
+        seen.add(contact_type.lower())
         if key not in KEY_ATTRIBUTES:
             raise ValueError(
                 f"{attribute.name}[{contact_type!r}]: must be one of {', '.join(KEY_ATTRIBUTES)}"
@@ -117,23 +172,32 @@ def _contact_keys(_: Any, attribute: attrs.Attribute[Mapping[str, str]], value: 
 
 def _delay_tuple(value: Iterable[float] | str) -> tuple[float, ...]:
     if isinstance(value, str):
-        return _parse_delays(value)
-    try:
-        return tuple(float(delay) for delay in value)
-    except (TypeError, ValueError):
-        raise ValueError("background_delays: must be numbers of seconds") from None
+        try:
+            return _parse_delays(value)
+        except ValueError:
+            pass
+    elif isinstance(value, Iterable) and not isinstance(value, bytes | Mapping | AbstractSet):
+        delays = tuple(value)
+        if all(isinstance(d, int | float) and not isinstance(d, bool) for d in delays):
+            return tuple(float(delay) for delay in delays)
+    # A mapping or a set would give keys or no order; bytes would give character codes.
+    raise ValueError("background_delays: must be a sequence of numbers of seconds")
 
 
 def _strip_slash(value: str) -> str:
-    if not isinstance(value, str):
-        raise ValueError("base_url: must be a str")
-    return value.rstrip("/")
+    return _str("base_url", value).rstrip("/")
 
 
 def _path(value: str | os.PathLike[str], name: str) -> Path:
-    if not str(value).strip():
+    if not isinstance(value, str | os.PathLike) or not isinstance(os.fspath(value), str):
+        raise ValueError(f"{name}: must be a str or a path, not {type(value).__name__}")
+    text = os.fspath(value)
+    if not text.strip():
         raise ValueError(f"{name}: must not be empty")
-    return Path(value)
+    # NUL cannot be in a path at all; the others are a stray "\r" from an env file, or worse.
+    if _has_control_characters(text):
+        raise ValueError(f"{name}: must not contain control characters")
+    return Path(text)
 
 
 def _outbox_path(value: str | os.PathLike[str]) -> Path:
@@ -168,9 +232,18 @@ def _remote_dir(_: Any, attribute: attrs.Attribute[str], value: str) -> None:
         raise ValueError(f"{attribute.name}: must not contain control characters")
 
 
+def _mapping(value: Any) -> Mapping[str, str]:
+    if not isinstance(value, Mapping):
+        raise ValueError(
+            "contact_keys: must be a mapping of contact type to key attribute, "
+            f"not {type(value).__name__}"
+        )
+    return value
+
+
 def _frozen_mapping(value: Mapping[str, str]) -> Mapping[str, str]:
     # Read-only, so no one can slip an unchecked key type in after validation.
-    return MappingProxyType(dict(value))
+    return MappingProxyType(dict(_mapping(value)))
 
 
 @attrs.frozen(kw_only=True)

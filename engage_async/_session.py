@@ -71,7 +71,13 @@ from ._redact import scrub
 from ._retry import interactive_delays
 from ._store import OutboxStore
 from ._transport import Transport
-from ._wire import contact_id_from_engage, normalize_contact_id, prepare_payload, structure
+from ._wire import (
+    check_text,
+    contact_id_from_engage,
+    normalize_contact_id,
+    prepare_payload,
+    structure,
+)
 
 __all__ = ["EngageSession"]
 
@@ -447,6 +453,10 @@ class EngageSession:
         outbox = self._ready()
         if if_exists not in _IF_EXISTS:
             raise ValueError('if_exists: must be "return" or "update"')
+        if not isinstance(create_as_unapproved, bool):
+            raise TypeError(
+                f"create_as_unapproved: must be a bool, not {type(create_as_unapproved).__name__}"
+            )
         body = prepare_payload(attributes, "attributes")
         if not body:
             raise ValueError("attributes: must not be empty")
@@ -846,11 +856,14 @@ def _one_identifier(*, extra: str = "", **given: str | None) -> tuple[str, str]:
 
 
 def _text(value: object, field: str) -> str:
+    """A text argument (an identifier, a contact type, a source), held to the payload's
+    rules for text: it goes into a query string, a body or an XML element name.
+    """
     if not isinstance(value, str):
         raise TypeError(f"{field}: must be a str, not {type(value).__name__}")
     if not value.strip():
         raise ValueError(f"{field}: must not be empty")
-    return value
+    return check_text(value, field)
 
 
 def _check_limit(limit: int | None) -> None:

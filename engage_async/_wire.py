@@ -7,7 +7,10 @@ None (the original stays in `.raw`).
 
 The payload guard (`prepare_payload`) enforces Engage's rule that an update carries only what
 changes: a None or "" anywhere in a payload would overwrite data, so it raises
-`EmptyValueError` naming the field; `CLEAR` clears a field on purpose.
+`EmptyValueError` naming the field; `CLEAR` clears a field on purpose. It also holds every
+payload to `MAX_DEPTH`, `MAX_VALUE_BYTES` and `MAX_PAYLOAD_BYTES`, and to text that both JSON
+and XML 1.0 can carry, so a payload it passes can be sent, queued and written to an import
+file alike.
 """
 
 from __future__ import annotations
@@ -28,8 +31,12 @@ from ._errors import EmptyValueError, PayloadError, UnexpectedResponse
 
 __all__ = [
     "CLEAR",
+    "MAX_DEPTH",
+    "MAX_PAYLOAD_BYTES",
+    "MAX_VALUE_BYTES",
     "Clear",
     "camel",
+    "check_text",
     "contact_id_from_engage",
     "converter",
     "is_contact_id",
@@ -44,6 +51,27 @@ T = TypeVar("T")
 
 _GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _BIRTH_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+# Engage's contacts are flat with a few nested parts (consents[i].id is three levels, counting
+# the payload itself); 8 leaves room for tenants' own objects and keeps the guard's recursion,
+# and every later json.dumps or copy, far from Python's recursion limit.
+MAX_DEPTH: Final = 8
+# Engage documents no field lengths; its fields are names, addresses, codes and short free
+# text. 16 KiB (UTF-8) is dozens of times the longest of those, yet refuses a file or an image
+# pasted into a field before it is queued and replayed 4000 to a bulk request.
+MAX_VALUE_BYTES: Final = 16 * 1024
+# A rich contact is about 2 KiB as JSON; 64 KiB is 30 times that, and keeps one contact a
+# small part of a bulk request or an XML file (4000 and 20000 contacts), which hold them all.
+MAX_PAYLOAD_BYTES: Final = 64 * 1024
+# What XML 1.0 cannot carry: C0 controls but tab, LF and CR; lone surrogates (not text at all,
+# UTF-8 cannot encode them); U+FFFE, U+FFFF. JSON could send the controls, but a queued change
+# may go to an XML import file, so the call refuses them rather than the fallback, later.
+_NOT_XML = "\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff"
+_FORBIDDEN = re.compile(f"[{_NOT_XML}]")
+# Compact JSON writes these as two characters (\" \\ \t \n \r); the other C0 controls it would
+# escape are refused above. One search for both sets keeps plain text at one regex call.
+_ESCAPED = re.compile(r'["\\\t\n\r]')
+_SPECIAL = re.compile(f'["\\\\\t\n\r{_NOT_XML}]')
 
 
 class Clear:
@@ -153,6 +181,14 @@ def _is_optional(kind: Any) -> bool:
     return len(args) == 2 and type(None) in args
 
 
+def _renames(cls: type, **hooks: Any) -> dict[str, Any]:
+    """cattrs overrides for a model: camelCase names, and `raw` never written back."""
+    return {
+        f.name: override(omit=True) if f.name == "raw" else override(rename=camel(f.name), **hooks)
+        for f in attrs.fields(cls)
+    }
+
+
 def make_converter(*, detailed_validation: bool = False) -> cattrs.Converter:
     """Build the converter for Engage's JSON (never the global cattrs one).
 
@@ -200,13 +236,8 @@ def make_converter(*, detailed_validation: bool = False) -> cattrs.Converter:
     conv.register_structure_hook_factory(_is_optional, optional_hook)
 
     def structure_hook(cls: type) -> Callable[[Any, Any], Any]:
-        fields = attrs.fields(cls)
-        renames = {
-            f.name: override(omit=True) if f.name == "raw" else override(rename=camel(f.name))
-            for f in fields
-        }
-        build: Callable[[Any, Any], Any] = make_dict_structure_fn(cls, conv, **renames)  # type: ignore[arg-type]
-        keeps_raw = any(f.name == "raw" for f in fields)
+        build: Callable[[Any, Any], Any] = make_dict_structure_fn(cls, conv, **_renames(cls))
+        keeps_raw = any(f.name == "raw" for f in attrs.fields(cls))
 
         def structure_model(value: Any, kind: Any) -> Any:
             if value is None:
@@ -222,15 +253,11 @@ def make_converter(*, detailed_validation: bool = False) -> cattrs.Converter:
         return structure_model
 
     def unstructure_hook(cls: type) -> Callable[[Any], dict[str, Any]]:
-        renames = {
-            f.name: override(omit=True) if f.name == "raw" else override(rename=camel(f.name))
-            for f in attrs.fields(cls)
-        }
         return make_dict_unstructure_fn(
             cls,
             conv,
             _cattrs_omit_if_default=True,
-            **renames,  # type: ignore[arg-type]
+            **_renames(cls),
         )
 
     conv.register_structure_hook_factory(attrs.has, structure_hook)
@@ -308,58 +335,181 @@ def prepare_payload(payload: object, field: str) -> dict[str, Any]:
     """Check a create or update payload and return its wire form (a new dict).
 
     `payload` is a mapping of Engage attribute names, or an attrs model such as
-    `ContactAttributes` (whose None fields are simply not sent).
+    `ContactAttributes` (whose None fields are simply not sent). Nothing is sent or queued
+    unless this passes, so every check here happens before any request.
 
     Raises:
         TypeError: `payload` is neither a mapping nor a model, or a key is not a str.
         EmptyValueError: a None or "" value, at any depth.
-        PayloadError: ``birthDay`` is not YYYY-MM-DD, a consent lacks ``id`` or ``value``, or a
-            value cannot be sent as JSON.
+        PayloadError: nested deeper than `MAX_DEPTH`; a name or value longer than
+            `MAX_VALUE_BYTES` or holding a character XML cannot carry (a control character
+            but tab, LF and CR; a lone surrogate; U+FFFE, U+FFFF); the whole larger than
+            `MAX_PAYLOAD_BYTES` as JSON; ``birthDay`` not YYYY-MM-DD; a consent without
+            ``id`` or ``value``; a value that cannot be sent as JSON. The field is named by
+            its path (``attributes.consents[1].value``); the value is never repeated.
     """
     if attrs.has(type(payload)):
-        payload = converter.unstructure(payload)
+        payload = _model_fields(payload)
     if not isinstance(payload, Mapping):
         raise TypeError(f"{field}: must be a mapping of Engage attribute names")
-    wire = _prepare_mapping(payload, field)
+    wire = _Walk(field).mapping(payload, field, 1)
     _check_known_fields(wire, field)
     return wire
 
 
-def _prepare_mapping(payload: Mapping[Any, Any], path: str) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in payload.items():
-        if not isinstance(key, str) or not key:
-            raise TypeError(f"{path}: keys must be non-empty str, got {type(key).__name__}")
-        result[key] = _prepare_value(value, f"{path}.{key}")
-    return result
+def check_text(value: str, field: str) -> str:
+    """Hold one text argument (a contact type, a source) to the payload's rules for text.
+
+    Raises:
+        PayloadError: longer than `MAX_VALUE_BYTES` or holding a character XML cannot carry.
+    """
+    _text_size(value, field, "")
+    return value
 
 
-def _prepare_value(value: Any, path: str) -> Any:
-    if value is CLEAR:
-        return None
-    if (
-        value is None
-        or (isinstance(value, str) and not value.strip())
-        or (isinstance(value, Mapping | list | tuple) and not value)
-    ):
-        raise EmptyValueError(
-            path, "empty values overwrite data on Engage; leave the field out, or send CLEAR"
-        )
-    if isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise PayloadError(path, "must be a finite number")
-        return value
-    if isinstance(value, datetime | date):
-        return value.isoformat()
-    if attrs.has(type(value)):
-        return _prepare_mapping(converter.unstructure(value), path)
-    if isinstance(value, Mapping):
-        return _prepare_mapping(value, path)
-    if isinstance(value, Sequence) and not isinstance(value, bytes | bytearray):
-        return [_prepare_value(item, f"{path}[{i}]") for i, item in enumerate(value)]
-    raise PayloadError(path, f"cannot be sent as JSON ({type(value).__name__})")
+def _shallow_unstructure_hook(cls: type) -> Callable[[Any], dict[str, Any]]:
+    # The converter's own renames and omit-if-default, but field values left as they are, so
+    # the guard walks them itself under its depth limit (cattrs would recurse without one).
+    return make_dict_unstructure_fn(
+        cls,
+        _shallow,
+        _cattrs_omit_if_default=True,
+        **_renames(cls, unstruct_hook=_same),
+    )
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+_shallow: Final = cattrs.Converter()
+_shallow.register_unstructure_hook_factory(attrs.has, _shallow_unstructure_hook)
+
+
+def _model_fields(model: Any) -> dict[str, Any]:
+    """A model's wire names and unconverted values, one level only."""
+    fields: dict[str, Any] = _shallow.unstructure(model)
+    return fields
+
+
+def _why_not(character: str) -> str:
+    if "\ud800" <= character <= "\udfff":
+        return "holds a lone surrogate, which is not text (undecoded bytes?)"
+    return f"holds U+{ord(character):04X}, a character XML cannot carry"
+
+
+def _text_size(text: str, path: str, what: str) -> int:
+    """The bytes `text` takes as a JSON string, once checked (`what` prefixes the reason)."""
+    if len(text) > MAX_VALUE_BYTES:  # checked first: the scans below would read all of it
+        raise PayloadError(path, f"{what}is longer than {MAX_VALUE_BYTES // 1024} KiB")
+    escapes = 0
+    if _SPECIAL.search(text) is not None:
+        bad = _FORBIDDEN.search(text)
+        if bad is not None:
+            raise PayloadError(path, what + _why_not(bad.group()))
+        escapes = len(_ESCAPED.findall(text))
+    size = len(text) if text.isascii() else len(text.encode())
+    if size > MAX_VALUE_BYTES:
+        raise PayloadError(path, f"{what}is longer than {MAX_VALUE_BYTES // 1024} KiB")
+    return size + escapes + 2
+
+
+class _Walk:
+    """One walk over a payload: builds the wire form and counts its compact JSON size.
+
+    Recursion is bounded by `MAX_DEPTH`, and the size is checked after every item, so neither
+    a deep nor a huge payload is walked to its end.
+    """
+
+    __slots__ = ("field", "size")
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+        self.size = 0
+
+    def check_size(self) -> None:
+        if self.size > MAX_PAYLOAD_BYTES:
+            raise PayloadError(
+                self.field, f"is larger than {MAX_PAYLOAD_BYTES // 1024} KiB as JSON"
+            )
+
+    def enter(self, path: str, depth: int, items: int) -> None:
+        if depth > MAX_DEPTH:
+            raise PayloadError(path, f"is nested more than {MAX_DEPTH} levels deep")
+        self.size += max(items, 1) + 1  # brackets, and commas between items
+
+    def mapping(self, payload: Mapping[Any, Any], path: str, depth: int) -> dict[str, Any]:
+        self.enter(path, depth, len(payload))
+        result: dict[str, Any] = {}
+        for key, value in payload.items():
+            if not isinstance(key, str) or not key:
+                raise TypeError(f"{path}: keys must be non-empty str, got {type(key).__name__}")
+            self.size += _text_size(key, path, "an attribute name ") + 1
+            result[key] = self.value(value, f"{path}.{key}", depth)
+            self.check_size()
+        return result
+
+    def sequence(self, items: Sequence[Any], path: str, depth: int) -> list[Any]:
+        self.enter(path, depth, len(items))
+        result: list[Any] = []
+        for index, item in enumerate(items):
+            result.append(self.value(item, f"{path}[{index}]", depth))
+            self.check_size()
+        return result
+
+    def value(self, value: Any, path: str, depth: int) -> Any:
+        # Most common types first: this runs for every value of every write.
+        if isinstance(value, str):
+            if not value.strip():
+                raise _empty(path)
+            self.size += _text_size(value, path, "")
+            return value
+        if isinstance(value, bool):
+            self.size += 4 if value else 5
+            return value
+        if value is CLEAR:
+            self.size += 4
+            return None
+        if value is None:
+            raise _empty(path)
+        if isinstance(value, int):
+            try:
+                digits = len(int.__repr__(value))
+            except ValueError:  # more digits than Python will write (sys.int_info)
+                digits = MAX_VALUE_BYTES + 1
+            if digits > MAX_VALUE_BYTES:
+                raise PayloadError(path, "is too large a number")
+            self.size += digits
+            return value
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                raise PayloadError(path, "must be a finite number")
+            self.size += len(float.__repr__(value))
+            return value
+        return self.composite(value, path, depth)
+
+    def composite(self, value: Any, path: str, depth: int) -> Any:
+        if isinstance(value, datetime | date):
+            text = value.isoformat()
+            self.size += len(text) + 2
+            return text
+        if attrs.has(type(value)):
+            return self.mapping(_model_fields(value), path, depth + 1)
+        if isinstance(value, Mapping):
+            if not value:
+                raise _empty(path)
+            return self.mapping(value, path, depth + 1)
+        if isinstance(value, Sequence) and not isinstance(value, bytes | bytearray):
+            if not value:
+                raise _empty(path)
+            return self.sequence(value, path, depth + 1)
+        raise PayloadError(path, f"cannot be sent as JSON ({type(value).__name__})")
+
+
+def _empty(path: str) -> EmptyValueError:
+    return EmptyValueError(
+        path, "empty values overwrite data on Engage; leave the field out, or send CLEAR"
+    )
 
 
 def _check_known_fields(wire: Mapping[str, Any], field: str) -> None:

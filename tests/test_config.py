@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,90 @@ def test_base_url_rejected(url: str) -> None:
         make(base_url=url)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://tenant.voyado.com:99999",
+        "https://tenant.voyado.com:65536",
+        "https://tenant.voyado.com:0",
+        "https://tenant.voyado.com:abc",
+        "https://tenant.voyado.com:-1",
+        "https://tenant.voyado.com:+443",
+        "https://tenant.voyado.com:",
+        "http://127.0.0.1:99999",
+    ],
+)
+def test_base_url_with_an_invalid_port_rejected(url: str) -> None:
+    """A port outside 1-65535, not a number, or empty is refused when the config is built,
+    with a message that says it is the port (not at the first request, by aiohttp).
+    """
+    with pytest.raises(ValueError, match=r"^base_url: .*port") as info:
+        make(base_url=url)
+
+    assert None is info.value.__context__
+
+
+def test_base_url_with_a_port_accepted() -> None:
+    """An explicit valid port is kept."""
+    assert (
+        "https://tenant.voyado.com:8443" == make(base_url="https://tenant.voyado.com:8443").base_url
+    )
+
+
+USER_SECRET = "pa55w0rd-in-url"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"https://someone:{USER_SECRET}@tenant.voyado.com",
+        f"https://{USER_SECRET}@tenant.voyado.com",
+        f"https://:{USER_SECRET}@tenant.voyado.com",
+        f"https://someone:{USER_SECRET}@tenant.voyado.com:443/",
+        "https://@tenant.voyado.com",
+    ],
+)
+def test_base_url_with_user_info_rejected_without_repeating_it(url: str) -> None:
+    """User info in the base URL is refused (Engage takes the key as a header) and never
+    shows in the message, the repr or the traceback of the error.
+    """
+    with pytest.raises(ValueError, match=r"^base_url: .*user info") as info:
+        make(base_url=url)
+
+    assert [] == leaks(info.value, USER_SECRET, "someone")
+
+
+def test_from_env_base_url_with_user_info_names_the_variable_not_the_secret() -> None:
+    """From the environment, user info in the URL is reported under ENGAGE_BASE_URL, and the
+    secret is not in the message.
+    """
+    environ = {**ENV, "ENGAGE_BASE_URL": f"https://someone:{USER_SECRET}@tenant.voyado.com"}
+
+    with pytest.raises(ValueError, match=r"^ENGAGE_BASE_URL .*user info") as info:
+        EngageConfig.from_env(environ)
+
+    assert [] == leaks(info.value, USER_SECRET, API_KEY)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://ten\nant.voyado.com",
+        "https://tenant.voyado.com\t",
+        " https://tenant.voyado.com",
+        "https://tenant .voyado.com",
+        "https://tenant.voyado.com\x00",
+        "https://[::1",
+    ],
+)
+def test_base_url_with_whitespace_or_control_characters_rejected(url: str) -> None:
+    """Whitespace and control characters (which urlsplit silently drops, so the stored URL
+    would differ from the one checked) and malformed IPv6 hosts are refused by field name.
+    """
+    with pytest.raises(ValueError, match=r"^base_url: "):
+        make(base_url=url)
+
+
 # --- api_key --------------------------------------------------------------------------------------
 
 
@@ -185,6 +270,7 @@ POSITIVE_FIELDS = [
     "retry_max_delay",
     "breaker_cooldown",
     "busy_timeout",
+    "shutdown_timeout",
 ]
 
 
@@ -324,6 +410,168 @@ def test_config_is_hashable() -> None:
     assert hash(make(contact_keys={"Member": "email"})) == hash(
         make(contact_keys={"Member": "email"})
     )
+
+
+def test_contact_keys_differing_only_in_case_rejected() -> None:
+    """Two entries for one contact type (matched regardless of case) are ambiguous: refused."""
+    with pytest.raises(ValueError, match=r"^contact_keys: .*'member'"):
+        make(contact_keys={"Member": "email", "member": "mobilePhone"})
+
+
+def test_api_version_must_be_a_whole_number() -> None:
+    """3.0 equals 3 but would make the path /api/v3.0: refused."""
+    with pytest.raises(ValueError, match=r"^api_version: "):
+        make(api_version=3.0)
+
+
+# --- every field: wrong types -----------------------------------------------------------------
+
+NOT_TEXT: list[object] = [None, 42, True, b"bytes", ["text"], {"a": "b"}]
+FLOAT_FIELDS = [
+    *POSITIVE_FIELDS,
+    "identity_ttl",
+    "batch_poll_initial",
+    "batch_poll_max",
+    "batch_timeout",
+    "poll_interval",
+    "keep_done",
+]
+BAD_FLOATS: list[object] = [None, "1.5", True, False, math.nan, math.inf, -math.inf, [1.0], 1j]
+INT_FIELDS = [
+    "retry_attempts",
+    "breaker_threshold",
+    "bulk_threshold",
+    "bulk_max_items",
+    "max_attempts",
+    "reconcile_max_lookups",
+    "max_answer_bytes",
+    "sftp_port",
+]
+BAD_INTS: list[object] = [None, "3", True, 3.0, math.nan, math.inf, [3]]
+BAD_PATHS: list[object] = [None, 42, True, b"outbox.sqlite3", ["outbox"], "out\x00box"]
+BAD_CHOICES: list[object] = [None, True, ["x"], {"x": 1}, b"bulk"]
+WRONG: dict[str, list[object]] = {
+    "base_url": NOT_TEXT,
+    "api_key": NOT_TEXT,
+    "user_agent": NOT_TEXT,
+    "outbox_path": BAD_PATHS,
+    "xml_dir": BAD_PATHS,
+    "api_version": [*BAD_CHOICES, "3", 3.0],
+    "fallback_mode": BAD_CHOICES,
+    "durability": BAD_CHOICES,
+    "custom_key_attribute": BAD_CHOICES,
+    "default_contact_type": [*NOT_TEXT, "Mem\x00ber", "Member\n"],
+    "background_delays": [
+        None,
+        5,
+        True,
+        "10,soon",
+        b"10",
+        [True],
+        ["10"],
+        [None],
+        [math.nan],
+        [math.inf],
+        {10.0: 1},
+        {10.0},
+    ],
+    "contact_keys": [
+        None,
+        "Member=email",
+        42,
+        [("Member", "email")],
+        {1: "email"},
+        {"": "email"},
+        {" ": "email"},
+        {"Member": None},
+        {"Member": ["email"]},
+    ],
+    **dict.fromkeys(FLOAT_FIELDS, BAD_FLOATS),
+    **dict.fromkeys(INT_FIELDS, BAD_INTS),
+    # Optional settings: None is their default, so only wrong types and text are wrong.
+    "sftp_host": [42, True, b"host", ["host"], "", "two words"],
+    "sftp_user": [42, True, b"user", ["user"], "", "a\x00b"],
+    "sftp_key_path": [42, True, b"key", ["key"], "k\x00ey"],
+    "sftp_known_hosts": [42, True, b"hosts", ["hosts"], "kn\x00own"],
+    "sftp_dir": [None, 42, True, "", "a\x00b"],
+}
+
+
+def leaks(exc: BaseException, *secrets: str) -> list[str]:
+    """The `secrets` found in the exception: its message, repr, args, chain or traceback."""
+    texts = ["".join(traceback.format_exception(exc))]
+    seen: BaseException | None = exc
+    while seen is not None:
+        texts += [str(seen), repr(seen), repr(seen.args)]
+        seen = seen.__cause__ or seen.__context__
+    return [secret for secret in secrets if any(secret in text for text in texts)]
+
+
+def test_every_field_has_wrong_values_to_try() -> None:
+    """Each field of EngageConfig is in WRONG, so the tests below cover every validator.
+
+    A new field needs a row there: its validator must name it for wrong types too.
+    """
+    assert sorted(field.name for field in attrs.fields(EngageConfig)) == sorted(WRONG)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        pytest.param(field, value, id=f"{field}-{value!r}")
+        for field, values in WRONG.items()
+        for value in values
+    ],
+)
+def test_wrong_values_raise_value_error_naming_the_field(field: str, value: object) -> None:
+    """A value of the wrong type or out of range, for any field, is a ValueError whose
+    message starts with the field's name, and holds neither the API key nor the value's text.
+    """
+    with pytest.raises(ValueError, match=rf"^{field}(: |\[)") as info:
+        make(**{field: value})
+
+    assert [] == leaks(info.value, API_KEY)
+
+
+def test_non_ascii_names_and_paths_accepted(tmp_path: Path) -> None:
+    """The control-character checks leave other languages' letters and spaces alone."""
+    config = make(
+        outbox_path=tmp_path / "utgående kö.sqlite3",
+        xml_dir=tmp_path / "filer för import",
+        default_contact_type="Medlem",
+        contact_keys={"Kund": "email"},
+    )
+
+    assert (tmp_path / "utgående kö.sqlite3", "email") == (
+        config.outbox_path,
+        config.key_attribute_for("kund"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("ENGAGE_BASE_URL", "https://tenant.voyado.com:99999"),
+        ("ENGAGE_OUTBOX", "outbox\x01.sqlite3"),
+        ("ENGAGE_CONTACT_KEYS", "Member=email,member=mobilePhone"),
+        ("ENGAGE_DEFAULT_CONTACT_TYPE", "Mem\x7fber"),
+    ],
+)
+def test_from_env_new_checks_name_the_variable(variable: str, value: str) -> None:
+    """The checks added for wrong values report the environment variable, as from_env does
+    for the others.
+    """
+    with pytest.raises(ValueError, match=f"^{variable} ") as info:
+        EngageConfig.from_env({**ENV, variable: value})
+
+    assert [] == leaks(info.value, API_KEY)
+
+
+def test_config_repr_and_str_hold_no_secrets() -> None:
+    """Neither repr nor str of a config holds the API key, whatever else is set."""
+    config = make(base_url="https://tenant.voyado.com:8443", contact_keys={"Member": "email"})
+
+    assert [] == [secret for secret in (API_KEY,) if secret in repr(config) + str(config)]
 
 
 # --- from_env -------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import asyncio
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import attrs
@@ -41,6 +42,21 @@ EVERY_METHOD = pytest.mark.parametrize("use", [pytest.param(u, id=n) for n, u in
 # --- lifecycle -------------------------------------------------------------------------------
 
 
+@pytest.fixture(name="made")
+def made_fixture(monkeypatch: pytest.MonkeyPatch) -> list[aiohttp.ClientSession]:
+    """Every `aiohttp.ClientSession` made during the test, in order (real ones, recorded)."""
+    made: list[aiohttp.ClientSession] = []
+    real = aiohttp.ClientSession
+
+    def recording(*args: Any, **kwargs: Any) -> aiohttp.ClientSession:
+        http = real(*args, **kwargs)
+        made.append(http)
+        return http
+
+    monkeypatch.setattr(aiohttp, "ClientSession", recording)
+    return made
+
+
 @EVERY_METHOD
 async def test_use_before_open_raises(fake: FakeEngage, config: ea.EngageConfig, use: Use) -> None:
     """Every method of a session not yet opened raises `RuntimeError`, and nothing is sent."""
@@ -65,8 +81,12 @@ async def test_use_after_close_raises(fake: FakeEngage, config: ea.EngageConfig,
     assert [] == fake.requests
 
 
-async def test_closed_session_cannot_be_reopened(config: ea.EngageConfig) -> None:
-    """A closed session stays closed: neither `open` nor ``async with`` revives it."""
+async def test_closed_session_cannot_be_reopened(
+    fake: FakeEngage, config: ea.EngageConfig, made: list[aiohttp.ClientSession]
+) -> None:
+    """A closed session stays closed: neither `open` nor ``async with`` revives it. The failed
+    attempts open no new HTTP session, and the session still refuses calls without sending.
+    """
     session = ea.EngageSession(config)
     await session.open()
     await session.close()
@@ -76,8 +96,10 @@ async def test_closed_session_cannot_be_reopened(config: ea.EngageConfig) -> Non
     with pytest.raises(RuntimeError, match="closed"):
         async with session:
             pass
+    with pytest.raises(RuntimeError, match="closed"):
+        await session.find_contact_id(email="anna@example.com")
 
-    assert session.closed
+    assert ([True], []) == ([http.closed for http in made], fake.requests)
 
 
 async def test_open_twice_raises(session: ea.EngageSession) -> None:
@@ -149,12 +171,19 @@ async def test_borrowed_http_session_is_used_and_left_open(
     assert 401 == status  # the host's own request, without the session's headers
 
 
-async def test_own_http_session_is_closed(fake: FakeEngage, config: ea.EngageConfig) -> None:
-    """The aiohttp session a `EngageSession` made is closed with it (no unclosed warning)."""
+async def test_own_http_session_is_closed(
+    fake: FakeEngage, config: ea.EngageConfig, made: list[aiohttp.ClientSession]
+) -> None:
+    """The aiohttp session a `EngageSession` made is closed with it (no unclosed warning).
+
+    Asserted on the `aiohttp.ClientSession` itself: `EngageSession.closed` turns True before
+    anything is closed, so it cannot tell.
+    """
     async with ea.EngageSession(config) as session:
         await session.find_contact_id(email="nobody@example.com")
+        open_inside = [http.closed for http in made]
 
-    assert session.closed
+    assert ([False], [True]) == (open_inside, [http.closed for http in made])
 
 
 # --- headers and secrets ---------------------------------------------------------------------

@@ -10,6 +10,7 @@ from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 from engage_async import (
@@ -33,8 +34,12 @@ from engage_async import (
     UnexpectedResponse,
 )
 from engage_async._wire import (
+    MAX_DEPTH,
+    MAX_PAYLOAD_BYTES,
+    MAX_VALUE_BYTES,
     Clear,
     camel,
+    check_text,
     converter,
     make_converter,
     normalize_contact_id,
@@ -703,6 +708,311 @@ def test_input_not_mutated_when_rejected() -> None:
         prepare_payload(payload, "changes")
 
     assert before == payload
+
+
+# --- payload limits ------------------------------------------------------------------------------
+
+DEEP = 1000  # deeper than Python's default recursion limit allows a recursive walk to go
+
+
+def nested_dicts(levels: int) -> dict[str, Any]:
+    """``{"a": {"a": ... {"a": "x"}}}`` with `levels` objects, built without recursion."""
+    value: Any = "x"
+    for _ in range(levels):
+        value = {"a": value}
+    result: dict[str, Any] = value
+    return result
+
+
+def nested_lists(levels: int) -> list[Any]:
+    """``[[...["x"]...]]`` with `levels` lists, built without recursion."""
+    value: Any = "x"
+    for _ in range(levels):
+        value = [value]
+    result: list[Any] = value
+    return result
+
+
+@attrs.frozen
+class Node:
+    """A caller's own attrs model that can nest without end."""
+
+    child: Node | None = None
+    label: str = "x"
+
+
+def test_limits_are_what_the_docs_say() -> None:
+    """The limits are module constants with the documented values."""
+    assert (8, 16 * 1024, 64 * 1024) == (MAX_DEPTH, MAX_VALUE_BYTES, MAX_PAYLOAD_BYTES)
+
+
+def test_deepest_allowed_nesting_passes() -> None:
+    """A payload nested exactly MAX_DEPTH levels (the payload itself is the first) is sent."""
+    payload = nested_dicts(MAX_DEPTH)
+
+    assert payload == prepare_payload(payload, "changes")
+
+
+def test_one_level_too_deep_names_the_object() -> None:
+    """One object more than MAX_DEPTH is a PayloadError naming that object's path."""
+    with pytest.raises(PayloadError) as info:
+        prepare_payload(nested_dicts(MAX_DEPTH + 1), "changes")
+
+    assert "changes" + ".a" * MAX_DEPTH == info.value.field
+    assert "nested more than 8 levels" in info.value.reason
+
+
+def test_thousand_nested_objects_raise_payload_error() -> None:
+    """1,000 nested objects raise PayloadError naming the path down to the limit, not
+    RecursionError.
+    """
+    with pytest.raises(PayloadError) as info:
+        prepare_payload({"custom": nested_dicts(DEEP)}, "changes")
+
+    assert "changes.custom" + ".a" * (MAX_DEPTH - 1) == info.value.field
+
+
+def test_thousand_nested_lists_raise_payload_error() -> None:
+    """1,000 nested lists raise PayloadError with an indexed path, not RecursionError."""
+    with pytest.raises(PayloadError) as info:
+        prepare_payload({"tags": nested_lists(DEEP)}, "attributes")
+
+    assert "attributes.tags" + "[0]" * (MAX_DEPTH - 1) == info.value.field
+
+
+def test_thousand_nested_models_raise_payload_error() -> None:
+    """A caller's attrs model nested 1,000 deep is refused the same way, not by a
+    RecursionError from serialising it.
+    """
+    node = Node()
+    for _ in range(DEEP):
+        node = Node(child=node)
+
+    with pytest.raises(PayloadError) as info:
+        prepare_payload(node, "attributes")
+
+    assert "attributes" + ".child" * MAX_DEPTH == info.value.field
+
+
+def test_a_payload_that_contains_itself_is_refused() -> None:
+    """A mapping that holds itself is too deep, not an endless walk."""
+    payload: dict[str, Any] = {"firstName": "Anna"}
+    payload["self"] = payload
+
+    with pytest.raises(PayloadError) as info:
+        prepare_payload(payload, "changes")
+
+    assert "changes" + ".self" * MAX_DEPTH == info.value.field
+
+
+def test_models_are_sent_as_the_converter_writes_them() -> None:
+    """Walking a model field by field gives what the converter's unstructure gives: camelCase
+    names, defaults left out, nested models, dates and tuples in their JSON forms.
+    """
+    attributes = ContactAttributes(
+        first_name="Anna",
+        email="anna@example.com",
+        birth_day=date(1990, 2, 28),
+        registration_date=datetime(2024, 5, 1, 12, 0, tzinfo=UTC),
+        children=("2010-01-01",),
+        staff=False,
+        current_store=Store(external_id="SE014"),
+    )
+
+    assert converter.unstructure(attributes) == prepare_payload(attributes, "attributes")
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"lastName": "Lind\ud800gren"}, "changes.lastName"),
+        ({"preferences": {"note": "\udfff"}}, "changes.preferences.note"),
+        (
+            {"consents": [{"id": "a", "value": True, "comment": "x\udc80"}]},
+            "changes.consents[0].comment",
+        ),
+        ({"children": ("2010-01-01", "\ud83d")}, "changes.children[1]"),
+    ],
+    ids=["top", "nested", "in-a-list", "in-a-tuple"],
+)
+def test_lone_surrogate_in_a_value_is_refused(payload: dict[str, Any], field: str) -> None:
+    """A lone surrogate (text that is not Unicode, cannot be sent as UTF-8) is a PayloadError
+    naming the field, not a UnicodeEncodeError when the body is encoded.
+    """
+    with pytest.raises(PayloadError) as info:
+        prepare_payload(payload, "changes")
+
+    assert (field, True) == (info.value.field, "surrogate" in info.value.reason)
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"last\ud800Name": "Lind"}, "changes"),
+        ({"preferences": {"accepts\udfffSms": True}}, "changes.preferences"),
+    ],
+    ids=["top", "nested"],
+)
+def test_lone_surrogate_in_a_name_is_refused(payload: dict[str, Any], field: str) -> None:
+    """A lone surrogate in an attribute name is refused, naming the object that holds it
+    (the name itself cannot be printed).
+    """
+    with pytest.raises(PayloadError) as info:
+        prepare_payload(payload, "changes")
+
+    assert (field, True) == (info.value.field, "attribute name" in info.value.reason)
+
+
+@pytest.mark.parametrize(
+    "character",
+    ["\x00", "\x01", "\x08", "\x0b", "\x0c", "\x0e", "\x1b", "\x1f", "\ufffe", "\uffff"],
+)
+def test_characters_xml_cannot_carry_are_refused_in_values(character: str) -> None:
+    """NUL, the other C0 controls but tab, LF and CR, and U+FFFE/U+FFFF are refused in a
+    value: a queued change may be written to an XML import file, which cannot hold them.
+    """
+    with pytest.raises(PayloadError) as info:
+        prepare_payload({"custom": {"note": f"Lind{character}gren"}}, "changes")
+
+    assert "changes.custom.note" == info.value.field
+    assert f"U+{ord(character):04X}" in info.value.reason
+    assert "Lind" not in str(info.value)
+
+
+@pytest.mark.parametrize("character", ["\x00", "\x1f"])
+def test_control_characters_are_refused_in_names(character: str) -> None:
+    """NUL or another control character in an attribute name is refused, naming its object."""
+    with pytest.raises(PayloadError) as info:
+        prepare_payload({"preferences": {f"accepts{character}Sms": True}}, "changes")
+
+    assert "changes.preferences" == info.value.field
+    assert "attribute name" in info.value.reason
+
+
+def test_text_that_xml_and_json_carry_is_kept() -> None:
+    """Tab, line feed, carriage return, quotes, backslashes, DEL, non-BMP characters and other
+    languages' letters pass unchanged.
+    """
+    payload = {
+        "street": 'c/o "Lind"\tBox 12\r\nS-211 20',
+        "note": "back\\slash \x7f \x85 \U0001f600 Åsa Ødegård 李",
+    }
+
+    assert payload == prepare_payload(payload, "changes")
+
+
+def test_longest_value_passes_and_one_byte_more_is_refused() -> None:
+    """A value of MAX_VALUE_BYTES (counted in UTF-8 bytes) passes; one byte more is refused,
+    naming the field and not repeating the value.
+    """
+    longest = "å" * (MAX_VALUE_BYTES // 2)  # two bytes each in UTF-8
+    assert {"note": longest} == prepare_payload({"note": longest}, "changes")
+
+    with pytest.raises(PayloadError) as info:
+        prepare_payload({"custom": {"note": longest + "x"}}, "changes")
+
+    assert "changes.custom.note" == info.value.field
+    assert "16 KiB" in info.value.reason
+    assert "å" not in str(info.value)
+
+
+def test_oversize_value_in_a_list_is_refused() -> None:
+    """An oversize value inside a list is named by its index."""
+    with pytest.raises(PayloadError) as info:
+        prepare_payload({"children": ["2010-01-01", "x" * 10**7]}, "changes")
+
+    assert "changes.children[1]" == info.value.field
+
+
+def test_oversize_name_is_refused() -> None:
+    """An attribute name longer than MAX_VALUE_BYTES is refused, naming its object."""
+    with pytest.raises(PayloadError) as info:
+        prepare_payload({"custom": {"n" * (MAX_VALUE_BYTES + 1): True}}, "changes")
+
+    assert "changes.custom" == info.value.field
+
+
+def wire_size(payload: dict[str, Any]) -> int:
+    """The size of `payload` as compact UTF-8 JSON, as the session sends and stores it."""
+
+    def default(value: Any) -> Any:
+        return None if value is CLEAR else value.isoformat()
+
+    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), default=default)
+    return len(text.encode())
+
+
+def payload_of_size(size: int) -> dict[str, Any]:
+    """A payload of values under MAX_VALUE_BYTES whose compact UTF-8 JSON is `size` bytes.
+
+    It holds characters JSON escapes, multi-byte ones, numbers, booleans, CLEAR and a date,
+    so the way each is counted is tested too.
+    """
+    payload: dict[str, Any] = {
+        "mixed": 'a"b\\c\nd\tå 李 \U0001f600 ' * 40,
+        "x": [1.5, True, CLEAR, date(2020, 1, 2), -12],
+    }
+    filler = "z" * (MAX_VALUE_BYTES - 100)
+    while size - wire_size(payload) > MAX_VALUE_BYTES:
+        payload[f"k{len(payload)}"] = filler
+    payload["last"] = "z"
+    payload["last"] = "z" * (1 + size - wire_size(payload))
+    assert size == wire_size(payload)
+    return payload
+
+
+def test_largest_payload_passes_and_one_byte_more_is_refused() -> None:
+    """A payload of MAX_PAYLOAD_BYTES as compact UTF-8 JSON passes; one byte more is a
+    PayloadError naming the payload, not any value in it.
+    """
+    largest = payload_of_size(MAX_PAYLOAD_BYTES)
+    too_large = payload_of_size(MAX_PAYLOAD_BYTES + 1)
+
+    assert largest["last"] == prepare_payload(largest, "attributes")["last"]
+    with pytest.raises(PayloadError) as info:
+        prepare_payload(too_large, "attributes")
+
+    assert "attributes" == info.value.field
+    assert "64 KiB" in info.value.reason
+
+
+def test_a_huge_list_is_refused_without_walking_all_of_it() -> None:
+    """A list of ten million numbers is refused as too large (the walk stops at the limit)."""
+    with pytest.raises(PayloadError) as info:
+        prepare_payload({"scores": range(10**7)}, "changes")
+
+    assert "changes" == info.value.field
+
+
+def test_number_too_large_to_write_is_refused() -> None:
+    """An int with more digits than a value may have bytes is a PayloadError naming the field
+    (whether or not Python's own limit on writing long ints is set).
+    """
+    with pytest.raises(PayloadError) as info:
+        prepare_payload({"points": 10**20000}, "changes")
+
+    assert "changes.points" == info.value.field
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("Member\x00", r"U\+0000"),
+        ("Mem\udfffber", "surrogate"),
+        ("M" * (MAX_VALUE_BYTES + 1), "KiB"),
+    ],
+)
+def test_check_text_holds_one_argument_to_the_payload_rules(text: str, reason: str) -> None:
+    """check_text refuses what a payload value may not hold, naming the argument."""
+    with pytest.raises(PayloadError, match=reason) as info:
+        check_text(text, "contact_type")
+
+    assert "contact_type" == info.value.field
+
+
+def test_check_text_returns_good_text() -> None:
+    """check_text gives back text it accepts, unchanged."""
+    assert "Store staff\tPOS" == check_text("Store staff\tPOS", "source")
 
 
 # --- contact ids ----------------------------------------------------------------------------------

@@ -203,22 +203,47 @@ def test_control_character_in_a_value_raises_xml_content_error() -> None:
     assert "Lind" not in str(info.value)
 
 
-def test_check_contact_accepts_a_valid_contact() -> None:
-    """A contact with known fields in their formats passes check_contact."""
-    contact = build_contact(
-        1,
-        "Member",
-        {
-            "email": "anna@example.com",
-            "mobilePhone": "+46701234567",
-            "countryCode": "SE",
-            "birthDay": "1985-06-05",
-            "preferences": {"acceptsEmail": True},
-        },
-        contact_id=GUID.upper(),
-    )
+def problems_of(contact: XmlContact) -> list[str]:
+    """check_contact's verdict as a list: empty when it passes, its message when it does not."""
+    try:
+        check_contact(contact)
+    except XmlContentError as exc:
+        return [str(exc)]
+    return []
 
-    check_contact(contact)
+
+VALID_FIELDS: dict[str, Any] = {
+    "email": "anna@example.com",
+    "mobilePhone": "+46701234567",
+    "countryCode": "SE",
+    "birthDay": "1985-06-05",
+    "preferences": {"acceptsEmail": True},
+}
+BROKEN_FIELDS: dict[str, Any] = {
+    "email": "anna-at-example.com",
+    "mobilePhone": "call me",
+    "countryCode": "SWE",
+    "birthDay": "05/06/1985",
+    "preferences": {"acceptsEmail": "yes"},
+}
+
+
+def test_check_contact_accepts_a_valid_contact() -> None:
+    """A contact with known fields in their formats (and an upper-case GUID) passes
+    check_contact, while the same contact with any one of those fields malformed does not:
+    the pass is the schema's verdict on each field, not a check that looks at nothing.
+    """
+    valid = build_contact(1, "Member", VALID_FIELDS, contact_id=GUID.upper())
+    refused = [
+        name
+        for name, broken in BROKEN_FIELDS.items()
+        if problems_of(
+            build_contact(1, "Member", {**VALID_FIELDS, name: broken}, contact_id=GUID.upper())
+        )
+    ]
+
+    assert [] == problems_of(valid)
+    assert list(BROKEN_FIELDS) == refused
 
 
 @pytest.mark.parametrize(
@@ -271,10 +296,20 @@ def test_check_contact_rejects_an_update_with_a_malformed_contact_id() -> None:
 
 
 def test_check_contact_accepts_a_custom_contact_type() -> None:
-    """A tenant's own contact type is accepted, with fields the schema does not know."""
+    """A tenant's own contact type is accepted, with fields the schema does not know, and
+    keeps them all; its known fields are still checked (a bad email in it is refused).
+    """
     contact = build_contact(1, "VipCustomer", {"email": "anna@example.com", "vipLevel": "gold"})
+    bad_email = build_contact(1, "VipCustomer", {"email": "anna-at-example", "vipLevel": "gold"})
 
-    check_contact(contact)
+    assert [] == problems_of(contact)
+    assert ("vipCustomer", ["email", "vipLevel"], "gold") == (
+        local(contact.element),
+        child_names(contact.element),
+        child(contact.element, "vipLevel").text,
+    )
+    with pytest.raises(XmlContentError, match="email"):
+        check_contact(bad_email)
 
 
 # --- writing files -------------------------------------------------------------------------

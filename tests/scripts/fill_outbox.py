@@ -16,9 +16,10 @@ import uuid
 from pathlib import Path
 
 import engage_async as ea
+from engage_async._wire import MAX_VALUE_BYTES
 
-# Big enough that a few commits reach the limit, small enough to stay a plain attribute.
-NOTE_SIZE = 32 * 1024
+# Big enough that a few commits reach the limit: the largest value the payload guard takes.
+NOTE_SIZE = MAX_VALUE_BYTES
 
 
 async def main(outbox: Path, base_url: str) -> None:
