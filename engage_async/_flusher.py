@@ -33,7 +33,12 @@ from ._batches import BatchFollower
 from ._budget import Priority
 from ._clock import SYSTEM_CLOCK, Clock, wait_for_event
 from ._config import EngageConfig
-from ._errors import EngageAuthError, OutboxError, UnexpectedResponse
+from ._errors import (
+    EngageAuthError,
+    EngageConfigurationError,
+    OutboxError,
+    UnexpectedResponse,
+)
 from ._flush_run import FlushRun, Stopped
 from ._lifecycle import Lifecycle
 from ._models import FlushReport
@@ -198,10 +203,10 @@ class OutboxFlusher:
                 except OutboxError as exc:
                     log.error("outbox unavailable, retrying: %s", exc)  # noqa: TRY400
                     wait = max(wait, self.config.background_delays[0])
-                except EngageAuthError as exc:
-                    # The pause is recorded; keep running so a fixed key (or Engage's own
-                    # fix) is picked up without a restart.
-                    log.error("Engage refused the API key, pausing: %s", exc)  # noqa: TRY400
+                except (EngageAuthError, EngageConfigurationError) as exc:
+                    # The pause is recorded; keep running so a fixed key or tenant (or
+                    # Engage's own fix) is picked up without a restart.
+                    log.error("Engage reports a configuration problem, pausing: %s", exc)  # noqa: TRY400
                     wait = max(wait, self.config.background_delays[-1])
                 except Exception:
                     # A flusher running beside an app must not die quietly on one bad step;
@@ -258,6 +263,8 @@ class OutboxFlusher:
             OutboxError: the outbox cannot be read or written.
             EngageAuthError: Engage refused the API key (every flusher pauses; nothing is
                 counted against any change).
+            EngageConfigurationError: Engage reports its tenant misconfigured
+                (``InvalidSystemConfiguration``); the same.
         """
         store = self._ready()
         run = FlushRun(store, self.owner)
@@ -276,8 +283,8 @@ class OutboxFlusher:
                         worked = await self._step(run)
                     except Outage as outage:
                         await self._pause_all(outage, run)
-                        if outage.refused_key is not None:
-                            raise outage.refused_key from None
+                        if outage.config_problem is not None:
+                            raise outage.config_problem from None
                         break
                     except UnexpectedResponse as exc:
                         # An answer we cannot read would be the same next second: wait as

@@ -60,6 +60,7 @@ class SqliteOutbox:
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
         self._lazy_identities: dict[str, tuple[str, float]] = {}
+        self._lazy_types: dict[str, tuple[str, float]] = {}
         self._lazy_flush: asyncio.TimerHandle | None = None
 
     @property
@@ -116,7 +117,7 @@ class SqliteOutbox:
         self._closed = True
         if self._lazy_flush is not None:
             self._lazy_flush.cancel()
-        if self._lazy_identities:
+        if self._lazy_identities or self._lazy_types:
             with contextlib.suppress(OutboxError):
                 await self._write(self._take_lazy_identities())
         if self._writer is not None:
@@ -157,7 +158,7 @@ class SqliteOutbox:
                     stopping = True
                     break
                 batch.append(extra)
-            if self._lazy_identities:
+            if self._lazy_identities or self._lazy_types:
                 batch.insert(0, (self._take_lazy_identities(), _detached_future()))
             works = [work for work, _ in batch]
             try:
@@ -249,20 +250,40 @@ class SqliteOutbox:
         if self._closed:
             return
         self._lazy_identities[key] = (contact_id, self._now())
+        self._flush_soon()
+
+    def remember_type_later(self, contact_id: str, contact_type: str) -> None:
+        """Note the contact type Engage showed for a contact; written with the next commit
+        (a crash may lose it: its bulk update then goes alone).
+        """
+        if self._closed:
+            return
+        self._lazy_types[contact_id] = (contact_type, self._now())
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
         if self._lazy_flush is None:
             loop = asyncio.get_running_loop()
             self._lazy_flush = loop.call_later(_LAZY_IDENTITY_DELAY, self._flush_lazy)
 
     def _flush_lazy(self) -> None:
         self._lazy_flush = None
-        if self._lazy_identities and not self._closed:
+        if (self._lazy_identities or self._lazy_types) and not self._closed:
             task = asyncio.ensure_future(self._write(self._take_lazy_identities()))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def _take_lazy_identities(self) -> _Work:
+        """The cached identities and contact types as one piece of work for a commit."""
         rows = [(key, guid, at) for key, (guid, at) in self._lazy_identities.items()]
+        types = [(guid, kind, at) for guid, (kind, at) in self._lazy_types.items()]
         self._lazy_identities.clear()
-        return lambda conn: _rows.upsert_identities(conn, rows)
+        self._lazy_types.clear()
+
+        def work(conn: sqlite3.Connection) -> None:
+            _rows.upsert_identities(conn, rows)
+            _rows.learn_types(conn, types)
+
+        return work
 
     async def identity(self, key: str, *, max_age: float | None = None) -> str | None:
         """The GUID recorded for `key`, if recorded less than `max_age` seconds ago."""

@@ -22,8 +22,11 @@ import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import attrs
+
 from ._changes import Batch, Change, NewChange, Operation, Queued, State, dumps, loads
 from ._coalesce import merge_changes
+from ._create_policy import without_type
 from ._keys import contact_key, identity_key, identity_matches, is_ref, new_change_id
 from ._redact import scrub
 from ._store import Failures, OutboxCounts, Pause
@@ -49,6 +52,7 @@ __all__ = [
     "get_change",
     "has_active",
     "identity",
+    "learn_types",
     "list_changes",
     "next_batch_poll",
     "not_found_yet",
@@ -99,6 +103,16 @@ def upsert_identities(conn: sqlite3.Connection, rows: Iterable[tuple[str, str, f
     )
 
 
+def learn_types(conn: sqlite3.Connection, rows: Iterable[tuple[str, str, float]]) -> None:
+    """Record (GUID, contact type, when) rows: what type Engage last showed each contact."""
+    conn.executemany(
+        "INSERT INTO contact_types (contact_id, contact_type, updated_at) VALUES (?, ?, ?) "
+        "ON CONFLICT (contact_id) DO UPDATE SET contact_type = excluded.contact_type, "
+        "updated_at = excluded.updated_at",
+        rows,
+    )
+
+
 def identity(conn: sqlite3.Connection, key: str, oldest: float | None) -> str | None:
     """The GUID recorded for `key`, if recorded at `oldest` or later."""
     row = conn.execute(
@@ -117,6 +131,9 @@ def _guid_found(conn: sqlite3.Connection, change: Any, contact_id: str, now: flo
     if change["key_name"] and change["key_value"]:
         keys.append(identity_key(change["key_name"], change["key_value"], change["contact_type"]))
     upsert_identities(conn, [(key, contact_id, now) for key in keys])
+    if change["contact_type"]:
+        # Created as that type, or found by a lookup scoped to it.
+        learn_types(conn, [(contact_id, change["contact_type"], now)])
     conn.execute(
         f"UPDATE changes SET contact_key = ?, contact_id = ?, updated_at = ? "
         f"WHERE contact_key = ? AND {_ACTIVE}",
@@ -212,7 +229,7 @@ def _tail(conn: sqlite3.Connection, contact_key: str) -> sqlite3.Row | None:
     """The last change still waiting for this contact: the only one a new change may join."""
     row: sqlite3.Row | None = conn.execute(
         f"SELECT seq, change_id, ref, operation, state, body, folded, key_name, key_value, "
-        f"contact_type FROM changes WHERE contact_key = ? AND {_ACTIVE} "
+        f"contact_type, query FROM changes WHERE contact_key = ? AND {_ACTIVE} "
         "ORDER BY seq DESC LIMIT 1",
         (contact_key,),
     ).fetchone()
@@ -226,18 +243,34 @@ def enqueue(conn: sqlite3.Connection, change: NewChange, now: float) -> Queued:
         if twin is not None:
             # The contact is already on its way in: a second create would make a duplicate.
             if change.if_exists == "update" and change.body:
-                changes = {k: v for k, v in change.body.items() if k != "contactType"}
-                _merge_into_tail(conn, twin["contact_key"], changes, now)
+                changes = without_type(change.body)
+                if _merge_into_tail(conn, twin["contact_key"], changes, now) is None:
+                    # Its create is already on the wire: the attributes follow it as an update.
+                    _insert(
+                        conn,
+                        NewChange(
+                            Operation.UPDATE,
+                            twin["contact_key"],
+                            body=changes,
+                            ref=twin["ref"],
+                            reason=change.reason,
+                        ),
+                        now,
+                    )
             return Queued(twin["change_id"], ref=twin["ref"], duplicate=True)
     if change.operation is Operation.UPDATE and change.body is not None:
-        merged = _merge_into_tail(conn, change.contact_key, change.body, now)
+        merged = _merge_into_tail(conn, change.contact_key, change.body, now, change.query)
         if merged is not None:
             return merged
     return _insert(conn, change, now)
 
 
 def _merge_into_tail(
-    conn: sqlite3.Connection, contact_key: str, changes: Mapping[str, Any], now: float
+    conn: sqlite3.Connection,
+    contact_key: str,
+    changes: Mapping[str, Any],
+    now: float,
+    query: Mapping[str, str] | None = None,
 ) -> Queued | None:
     """Fold `changes` into the contact's last waiting change if that is allowed, else None.
 
@@ -246,6 +279,11 @@ def _merge_into_tail(
     """
     tail = _tail(conn, contact_key)
     if tail is None or tail["state"] != State.PENDING:
+        return None
+    if tail["operation"] == Operation.UPDATE and loads(tail["query"]) != (
+        dict(query) if query else None
+    ):
+        # Two updates that chose differently about Engage's exports stay apart.
         return None
     if tail["operation"] == Operation.UPDATE:
         body = merge_changes(loads(tail["body"]) or {}, changes)
@@ -366,13 +404,15 @@ def claim(
 ) -> list[Change]:
     """Lease up to `limit` due heads of their contacts' chains until `until`, oldest first."""
     rows = conn.execute(
-        "SELECT c.* FROM changes AS c WHERE c.state = 'pending' "
+        "SELECT c.*, t.contact_type AS known_type FROM changes AS c "
+        "LEFT JOIN contact_types AS t ON t.contact_id = c.contact_id "
+        "WHERE c.state = 'pending' "
         "AND c.next_attempt_at <= ? AND NOT EXISTS (SELECT 1 FROM changes AS p "
         "WHERE p.contact_key = c.contact_key AND p.seq < c.seq "
         "AND p.state IN ('pending', 'inflight', 'waiting_guid')) ORDER BY c.seq LIMIT ?",
         (now, limit),
     ).fetchall()
-    claimed = _changes(rows)
+    claimed = [_with_known_type(row) for row in rows]
     # A create is marked "look up first" in the same transaction: if this flusher dies with
     # the request on the wire, the next one checks whether the contact exists first.
     conn.execute(
@@ -382,6 +422,16 @@ def claim(
         (owner, until, now, _seq_list(change.seq for change in claimed)),
     )
     return claimed
+
+
+def _with_known_type(row: sqlite3.Row) -> Change:
+    """A claimed row; an update whose contact's type the outbox did not know when it was
+    queued gets the type learned since (a bulk update is sent under it).
+    """
+    change = Change.from_row(row)
+    if change.operation is Operation.UPDATE and change.contact_type is None and row["known_type"]:
+        return attrs.evolve(change, contact_type=row["known_type"])
+    return change
 
 
 def renew(conn: sqlite3.Connection, owner: str, until: float) -> None:
@@ -433,11 +483,22 @@ def release(
 
 
 def finish(conn: sqlite3.Connection, seqs: Iterable[int], now: float) -> None:
-    """Rows Engage applied: done."""
+    """Rows Engage applied: done; a contact-type change also records the contact's type."""
+    seq_list = _seq_list(seqs)
     conn.execute(
         f"UPDATE changes SET state = 'done', done_at = ?, updated_at = ?, {_UNLEASED} "
         "WHERE seq IN (SELECT value FROM json_each(?))",
-        (now, now, _seq_list(seqs)),
+        (now, now, seq_list),
+    )
+    learn_types(
+        conn,
+        conn.execute(
+            "SELECT contact_id, contact_type, ? FROM changes "
+            "WHERE seq IN (SELECT value FROM json_each(?)) "
+            "AND operation IN ('contact_type', 'promote') "
+            "AND contact_id IS NOT NULL AND contact_type IS NOT NULL",
+            (now, seq_list),
+        ).fetchall(),
     )
 
 

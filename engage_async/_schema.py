@@ -76,6 +76,14 @@ CREATE TABLE identities (
     updated_at  REAL NOT NULL
 ) WITHOUT ROWID;
 
+-- contact id -> its contact type as last seen (a read, a create, a type change): a bulk update
+-- is sent under its contacts' type, and an update whose type is unknown goes alone.
+CREATE TABLE contact_types (
+    contact_id   TEXT PRIMARY KEY,
+    contact_type TEXT NOT NULL,
+    updated_at   REAL NOT NULL
+) WITHOUT ROWID;
+
 -- Bulk batches Engage accepted and that are being followed until they finish.
 CREATE TABLE batches (
     batch_id     TEXT PRIMARY KEY,

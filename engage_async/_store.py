@@ -94,6 +94,12 @@ class OutboxStore(Protocol):
         """Cache a lookup result; written soon (losing it to a crash costs a lookup)."""
         ...
 
+    def remember_type_later(self, contact_id: str, contact_type: str) -> None:
+        """Note the contact type Engage showed for a contact; written soon (losing it costs
+        only a bulk update that then goes alone).
+        """
+        ...
+
     async def record_guid(self, seq: int, contact_id: str) -> None:
         """The create at `seq` exists as `contact_id`: finish it, record its ref and key, and
         point the changes waiting on its ref at the GUID.

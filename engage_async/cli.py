@@ -24,7 +24,7 @@ import attrs
 
 from . import __version__
 from ._config import EngageConfig
-from ._errors import ChangeNotFound, EngageAuthError, EngageError
+from ._errors import ChangeNotFound, EngageAuthError, EngageConfigurationError, EngageError
 from ._flusher import OutboxFlusher
 from ._models import FlushReport
 from ._xmlfiles import validate_file
@@ -160,8 +160,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     simulate.add_argument(
         "--strict-bulk-types",
-        action="store_true",
-        help="fail bulk update items whose contact is not of the request's contact type",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fail bulk update items whose contact is not of the request's contact type, as "
+        "Engage does (default: on)",
     )
     return parser
 
@@ -192,6 +194,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except EngageAuthError as exc:
         print(f"engage-async: {exc}; check ENGAGE_API_KEY", file=sys.stderr)
+        return 2
+    except EngageConfigurationError as exc:
+        print(
+            f"engage-async: {exc}; Engage reports the tenant's configuration as invalid "
+            "(InvalidSystemConfiguration): ask Voyado to check it; the queued changes wait",
+            file=sys.stderr,
+        )
         return 2
     except (EngageError, ValueError, OSError) as exc:
         print(f"engage-async: {exc}", file=sys.stderr)

@@ -464,6 +464,7 @@ async def test_bulk_refused_for_good_writes_xml_files_instead(
     config = flusher_config(fake, tmp_path, bulk_threshold=3)
     existing = fake.add_contact({"email": "known@example.com"})
     async with ea.EngageSession(config) as engage:
+        await engage.get_contact(existing)  # its type is known: its update goes in bulk
         await fake.go_down()
         create_ids = [
             (await engage.create_contact({"email": "x1@example.com", "firstName": "X"})).change_id,
