@@ -477,17 +477,26 @@ def _holds(path: Path, data: bytes) -> bool:
 
 
 def find_written(directory: Path, name: str, file_digest: str) -> Path | None:
-    """A file with the contents `file_digest` names, written under `name` or under another
-    sequence of its timestamp (the uploader renames a file whose name is taken on the
-    server), in `directory` or its ``sent/``; None if there is none.
+    """A file with the contents `file_digest` names, written under `name` or under a later
+    sequence of its timestamp (the uploader renames a file whose name is taken on the server
+    to the next free one), in `directory` or its ``sent/``; None if there is none.
+
+    An earlier sequence is never taken for it: identical bytes there are an earlier change
+    with the same contents (the same update made twice), which later changes to that contact
+    may have overtaken since.
     """
     match = _FILE_NAME.fullmatch(name)
     if match is None:
         return None
+    sequence = int(match["seq"])
     candidates = [directory / name, directory / SENT_DIR / name]
     for folder in (directory, directory / SENT_DIR):
         if folder.is_dir():
-            candidates += sorted(folder.glob(f"{match['stamp']}_*_contacts*.xml"))
+            candidates += sorted(
+                path
+                for path in folder.glob(f"{match['stamp']}_*_contacts*.xml")
+                if sequence_of(path.name) >= sequence
+            )
     for path in candidates:
         with contextlib.suppress(OSError):
             if path.is_file() and digest(path.read_bytes()) == file_digest:

@@ -869,14 +869,21 @@ def test_place_counts_the_same_bytes_as_written_and_refuses_others(tmp_path: Pat
 
 def test_find_written_finds_a_file_the_uploader_moved_or_renamed(tmp_path: Path) -> None:
     """A planned file is found by its bytes where the uploader put it: in sent/, even under
-    another sequence of its timestamp; another file's bytes are not taken for it.
+    a later sequence of its timestamp; another file's bytes are not taken for it, nor the
+    same bytes under an earlier sequence (an earlier, identical change).
     """
     data = render([member()])
     (tmp_path / "sent").mkdir()
-    (tmp_path / "sent" / f"{STAMP}_2_contacts.xml").write_bytes(data)
-    (tmp_path / f"{STAMP}_1_contacts.xml").write_bytes(b"another file")
+    (tmp_path / "sent" / f"{STAMP}_3_contacts.xml").write_bytes(data)
+    (tmp_path / f"{STAMP}_2_contacts.xml").write_bytes(b"another file")
+    (tmp_path / "sent" / f"{STAMP}_1_contacts.xml").write_bytes(data)
 
-    found = find_written(tmp_path, f"{STAMP}_1_contacts.xml", digest(data))
-    missing = find_written(tmp_path, f"{STAMP}_1_contacts.xml", digest(b"not written"))
+    found = find_written(tmp_path, f"{STAMP}_2_contacts.xml", digest(data))
+    missing = find_written(tmp_path, f"{STAMP}_2_contacts.xml", digest(b"not written"))
+    not_earlier = find_written(tmp_path, f"{STAMP}_4_contacts.xml", digest(data))
 
-    assert (tmp_path / "sent" / f"{STAMP}_2_contacts.xml", None) == (found, missing)
+    assert (tmp_path / "sent" / f"{STAMP}_3_contacts.xml", None, None) == (
+        found,
+        missing,
+        not_earlier,
+    )
