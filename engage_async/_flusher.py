@@ -83,7 +83,8 @@ class OutboxFlusher:
         calls = BackgroundCalls(config, self._transport)
         self._batches = BatchFollower(config, calls)
         self._reconciler = Reconciler(config, calls)
-        self._sender = Sender(config, calls, XmlExport(config))
+        self._export = XmlExport(config)
+        self._sender = Sender(config, calls, self._export)
         self._store: OutboxStore | None = None
         self._lifecycle = Lifecycle("OutboxFlusher")
         self._wake = asyncio.Event()
@@ -315,6 +316,8 @@ class OutboxFlusher:
         """One step: poll batches, reconcile GUIDs, send what is due; True if it did anything."""
         worked = await self._batches.poll(run)
         worked = await self._reconciler.reconcile(run) or worked
+        # An XML file another flusher planned and never recorded is finished, in any mode.
+        worked = await self._export.resume(run) or worked
         store = run.store
         claimed = await store.claim(
             self.owner, limit=self.config.bulk_max_items, lease_seconds=self.config.lease_seconds

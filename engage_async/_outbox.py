@@ -514,6 +514,61 @@ class SqliteOutbox:
         result: list[Change] = await self._db.read(_rows.open_changes)
         return result
 
+    # --- XML files, planned before they are written ------------------------------------------
+
+    async def plan_export(
+        self, owner: str, seqs: Sequence[int], path: str, digest: str
+    ) -> Literal["planned", "taken", "lost"]:
+        """Commit the plan of an XML file before it is written (the rows are parked)."""
+        now = self._now()
+        seqs = list(seqs)
+        result: Literal["planned", "taken", "lost"] = await self._write(
+            lambda conn: _rows.plan_export(conn, owner, seqs, path, digest, now)
+        )
+        return result
+
+    async def replan_export(self, path: str, new_path: str, digest: str) -> bool:
+        """Move a plan to another name, or give it new bytes; False if the name is planned."""
+        now = self._now()
+        result: bool = await self._write(
+            lambda conn: _rows.replan_export(conn, path, new_path, digest, now)
+        )
+        return result
+
+    async def stale_exports(self, *, older_than: float) -> list[tuple[str, str]]:
+        """(path, digest) of the plans made more than `older_than` seconds ago."""
+        before = self._now() - older_than
+        result: list[tuple[str, str]] = await self._read(
+            lambda conn: _rows.stale_exports(conn, before)
+        )
+        return result
+
+    async def export_rows(self, path: str) -> list[Change]:
+        """The rows still parked in the plan `path`."""
+        result: list[Change] = await self._read(lambda conn: _rows.export_rows(conn, path))
+        return result
+
+    async def finish_export(self, path: str, written: str) -> int:
+        """The plan `path` is on disk as `written`: its rows are exported; how many."""
+        now = self._now()
+        result: int = await self._write(lambda conn: _rows.finish_export(conn, path, written, now))
+        return result
+
+    async def wait_for_api(
+        self, owner: str, seqs: Iterable[int], *, delay: float, reason: str
+    ) -> None:
+        """Claimed creates an XML file cannot carry: pending, marked as waiting for the API."""
+        now = self._now()
+        seqs = list(seqs)
+        await self._write(
+            lambda conn: _rows.wait_for_api(conn, owner, seqs, now + delay, reason, now)
+        )
+
+    async def waiting_for_api(self) -> int:
+        """How many pending changes wait for the API because an XML file cannot carry them."""
+        result: int = await self._read(_rows.waiting_for_api)
+        return result
+
 
 def _detached_future() -> asyncio.Future[Any]:
     future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

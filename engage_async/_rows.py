@@ -33,6 +33,7 @@ from ._store import Failures, OutboxCounts, Pause
 from ._wire import is_contact_id
 
 __all__ = [
+    "WAITS_FOR_API",
     "batch_rows",
     "bury",
     "claim",
@@ -46,8 +47,10 @@ __all__ = [
     "discard",
     "due_count",
     "enqueue",
+    "export_rows",
     "exported",
     "finish",
+    "finish_export",
     "forget_lease_of_batches",
     "get_change",
     "has_active",
@@ -58,6 +61,7 @@ __all__ = [
     "not_found_yet",
     "open_changes",
     "pause",
+    "plan_export",
     "poll_batch_later",
     "prune",
     "queued_create",
@@ -65,13 +69,17 @@ __all__ = [
     "recover_expired",
     "release",
     "renew",
+    "replan_export",
     "requeue",
     "requeue_dead",
     "set_pause",
     "settle_batch",
+    "stale_exports",
     "submit_batch",
     "unfinished_count",
     "upsert_identities",
+    "wait_for_api",
+    "waiting_for_api",
 ]
 
 _ACTIVE = "state IN ('pending', 'inflight', 'waiting_guid')"
@@ -921,3 +929,133 @@ def discard(conn: sqlite3.Connection, change: Change, reason: str, now: float) -
 def open_changes(conn: sqlite3.Connection) -> list[Change]:
     """Every change not yet done, oldest first."""
     return _changes(conn.execute("SELECT * FROM changes WHERE state != 'done' ORDER BY seq"))
+
+
+# --- XML files, planned before they are written -----------------------------------------------
+#
+# A file's name and the digest of its bytes are committed with its rows (parked: in flight
+# with no lease, so neither lease expiry nor a claim takes them) before the file is linked
+# into place; recording it then finishes the rows. A flusher that died in between leaves the
+# plan, and the next finishes that very file. Creates with options the import cannot carry
+# wait for the API, pending and marked.
+
+WAITS_FOR_API = "WaitsForApi"
+
+
+def plan_export(
+    conn: sqlite3.Connection, owner: str, seqs: Sequence[int], path: str, digest: str, now: float
+) -> str:
+    """Plan `owner`'s rows `seqs` into the file `path`: "planned"; "taken" when another open
+    plan has that name; "lost" (nothing changed) when `owner` no longer holds every row.
+    """
+    held = conn.execute(
+        "SELECT count(*) FROM changes WHERE seq IN (SELECT value FROM json_each(?)) "
+        "AND state = 'inflight' AND lease_owner = ?",
+        (_seq_list(seqs), owner),
+    ).fetchone()[0]
+    if held != len(seqs):
+        return "lost"
+    inserted = conn.execute(
+        "INSERT INTO xml_plans (path, digest, planned_at) VALUES (?, ?, ?) "
+        "ON CONFLICT (path) DO NOTHING",
+        (path, digest, now),
+    ).rowcount
+    if not inserted:
+        return "taken"
+    conn.execute(
+        f"UPDATE changes SET xml_plan = ?, updated_at = ?, {_UNLEASED} "
+        "WHERE seq IN (SELECT value FROM json_each(?))",
+        (path, now, _seq_list(seqs)),
+    )
+    return "planned"
+
+
+def replan_export(
+    conn: sqlite3.Connection, path: str, new_path: str, digest: str, now: float
+) -> bool:
+    """The plan `path` goes to `new_path` with the bytes `digest` names (the same path: only
+    new bytes); False when another open plan has `new_path`.
+    """
+    if new_path == path:
+        conn.execute(
+            "UPDATE xml_plans SET digest = ?, planned_at = ? WHERE path = ?", (digest, now, path)
+        )
+        return True
+    inserted = conn.execute(
+        "INSERT INTO xml_plans (path, digest, planned_at) VALUES (?, ?, ?) "
+        "ON CONFLICT (path) DO NOTHING",
+        (new_path, digest, now),
+    ).rowcount
+    if not inserted:
+        return False
+    conn.execute("UPDATE changes SET xml_plan = ? WHERE xml_plan = ?", (new_path, path))
+    conn.execute("DELETE FROM xml_plans WHERE path = ?", (path,))
+    return True
+
+
+def stale_exports(conn: sqlite3.Connection, before: float) -> list[tuple[str, str]]:
+    """(path, digest) of the plans made before `before`, oldest first."""
+    rows = conn.execute(
+        "SELECT path, digest FROM xml_plans WHERE planned_at < ? ORDER BY planned_at, path",
+        (before,),
+    ).fetchall()
+    return [(row["path"], row["digest"]) for row in rows]
+
+
+def export_rows(conn: sqlite3.Connection, path: str) -> list[Change]:
+    """The rows still parked in the plan `path`, in seq order."""
+    rows = conn.execute(
+        "SELECT * FROM changes WHERE xml_plan = ? AND state = 'inflight' "
+        "AND lease_owner IS NULL ORDER BY seq",
+        (path,),
+    ).fetchall()
+    return _changes(rows)
+
+
+def finish_export(conn: sqlite3.Connection, path: str, written: str, now: float) -> int:
+    """The plan `path` is on disk as `written`: its updates are done, its creates wait for
+    their GUID, the plan is gone; how many rows. A second call finds nothing to do.
+    """
+    parked = "xml_plan = ? AND state = 'inflight' AND lease_owner IS NULL"
+    waiting = conn.execute(
+        "UPDATE changes SET state = 'waiting_guid', exported_to = ?, xml_plan = NULL, "
+        f"next_attempt_at = ?, updated_at = ? WHERE {parked} AND operation = 'create'",
+        (written, now, now, path),
+    ).rowcount
+    done = conn.execute(
+        "UPDATE changes SET state = 'done', done_at = ?, exported_to = ?, xml_plan = NULL, "
+        f"updated_at = ? WHERE {parked}",
+        (now, written, now, path),
+    ).rowcount
+    conn.execute("UPDATE changes SET xml_plan = NULL WHERE xml_plan = ?", (path,))
+    conn.execute("DELETE FROM xml_plans WHERE path = ?", (path,))
+    return waiting + done
+
+
+def wait_for_api(
+    conn: sqlite3.Connection,
+    owner: str,
+    seqs: Iterable[int],
+    not_before: float,
+    reason: str,
+    now: float,
+) -> None:
+    """`owner`'s claimed creates cannot go into an XML file: pending, due at `not_before`,
+    marked as waiting for the API with `reason`.
+    """
+    conn.execute(
+        f"UPDATE changes SET state = 'pending', {_UNLEASED}, next_attempt_at = ?, "
+        "error_code = ?, last_error = ?, updated_at = ? "
+        "WHERE seq IN (SELECT value FROM json_each(?)) AND state = 'inflight' "
+        "AND lease_owner = ?",
+        (not_before, WAITS_FOR_API, scrub(reason), now, _seq_list(seqs), owner),
+    )
+
+
+def waiting_for_api(conn: sqlite3.Connection) -> int:
+    """How many pending changes wait for the API because an XML file cannot carry them."""
+    row = conn.execute(
+        "SELECT count(*) FROM changes WHERE state = 'pending' AND error_code = ?",
+        (WAITS_FOR_API,),
+    ).fetchone()
+    return int(row[0])

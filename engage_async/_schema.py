@@ -56,6 +56,9 @@ CREATE TABLE changes (
     error_code      TEXT,
     last_error      TEXT,
     exported_to     TEXT,
+    xml_plan        TEXT,               -- the XML file this row is going into, decided and
+                                        -- committed before the file is written (xml_plans);
+                                        -- cleared once the file is recorded
     done_at         REAL
 );
 -- The head of each contact's chain, and what a claim scans.
@@ -68,6 +71,7 @@ CREATE INDEX changes_by_batch ON changes (batch_id) WHERE batch_id IS NOT NULL;
 CREATE INDEX changes_by_ref ON changes (ref) WHERE ref IS NOT NULL;
 CREATE INDEX changes_queued_creates ON changes (identity)
     WHERE operation = 'create' AND state IN ('pending', 'inflight', 'waiting_guid');
+CREATE INDEX changes_by_xml_plan ON changes (xml_plan) WHERE xml_plan IS NOT NULL;
 
 -- key -> GUID: 'ref:<ref>' (kept for ever) or 'key:<attribute>:<type>:<value>' (a cache).
 CREATE TABLE identities (
@@ -99,6 +103,16 @@ CREATE TABLE batches (
     finished_at  REAL
 ) WITHOUT ROWID;
 CREATE INDEX batches_due ON batches (next_poll_at) WHERE state = 'submitted';
+
+-- XML files decided before they are written: the name, and the digest of the bytes that go
+-- under it. A flusher that dies between writing a file and recording it leaves its plan
+-- here; the next one finishes that very file (found by its digest, or written again under
+-- the same name), never a second one with the same rows.
+CREATE TABLE xml_plans (
+    path        TEXT PRIMARY KEY,
+    digest      TEXT NOT NULL,      -- SHA-256 of the file's bytes, hex
+    planned_at  REAL NOT NULL
+) WITHOUT ROWID;
 
 -- Shared flusher state, e.g. the pause after an outage that every flusher obeys.
 CREATE TABLE control (

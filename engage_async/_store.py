@@ -12,7 +12,7 @@ Today's backend is SQLite (`_outbox.SqliteOutbox`, its SQL in `_rows`).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import attrs
 
@@ -275,4 +275,50 @@ class OutboxStore(Protocol):
 
     async def open_changes(self) -> list[Change]:
         """Every change not yet done, oldest first."""
+        ...
+
+    # --- XML files, planned before they are written (what a flusher's XML step does) --------
+
+    async def plan_export(
+        self, owner: str, seqs: Sequence[int], path: str, digest: str
+    ) -> Literal["planned", "taken", "lost"]:
+        """Commit that `owner`'s rows `seqs` go into the XML file `path`, whose bytes `digest`
+        names, before it is written; the rows are parked (in flight, no lease) until
+        `finish_export`. "taken": another open plan has that name; "lost": `owner` no longer
+        holds every row (nothing changed).
+        """
+        ...
+
+    async def replan_export(self, path: str, new_path: str, digest: str) -> bool:
+        """Move the plan `path` to `new_path` (the name was taken on disk), or give it new
+        bytes under the same path; False when another open plan has `new_path`.
+        """
+        ...
+
+    async def stale_exports(self, *, older_than: float) -> list[tuple[str, str]]:
+        """(path, digest) of the plans made more than `older_than` seconds ago: their flusher
+        died before recording them, or is very slow.
+        """
+        ...
+
+    async def export_rows(self, path: str) -> list[Change]:
+        """The rows still parked in the plan `path`, in seq order."""
+        ...
+
+    async def finish_export(self, path: str, written: str) -> int:
+        """The plan `path` is on disk as `written`: updates done, creates waiting for their
+        GUID, the plan gone; how many rows (0 when it was finished already).
+        """
+        ...
+
+    async def wait_for_api(
+        self, owner: str, seqs: Iterable[int], *, delay: float, reason: str
+    ) -> None:
+        """Claimed creates an XML file cannot carry: pending again in `delay` seconds, marked
+        as waiting for the API with `reason` (not dead, not exported).
+        """
+        ...
+
+    async def waiting_for_api(self) -> int:
+        """How many pending changes wait for the API because an XML file cannot carry them."""
         ...
