@@ -127,7 +127,12 @@ class OutboxFlusher:
             clock=self._clock,
         )
         self._unsubscribe = self._store.subscribe(self._wake.set)
-        self._transport.open()
+        try:
+            await self._store.register(self.owner)
+            self._transport.open()
+        except BaseException:
+            await self._store.close()
+            raise
         self._lifecycle.opened()
 
     async def close(self) -> None:
@@ -151,6 +156,8 @@ class OutboxFlusher:
             if self._unsubscribe is not None:
                 self._unsubscribe()
             if self._store is not None:
+                with contextlib.suppress(OutboxError):
+                    await self._store.unregister(self.owner)
                 await self._store.close()
         finally:
             await self._transport.close()
@@ -275,8 +282,8 @@ class OutboxFlusher:
                 run.stop(self.config.shutdown_timeout)
             keeper = asyncio.create_task(self._keep_leases())
             try:
-                await store.recover_expired()
                 while not self._stopping:
+                    await store.recover_expired(self.owner, lease_seconds=self.config.lease_seconds)
                     if await self._paused():
                         break
                     run.new_step()

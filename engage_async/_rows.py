@@ -9,10 +9,16 @@ The tables (`_schema`): ``changes`` (one row per queued change, in ``seq`` order
 ``identities`` (key -> GUID), ``batches`` (bulk requests being followed) and ``control`` (the
 pause every flusher obeys).
 
-Leases: a claimed row is ``inflight`` with an owner and an expiry; its owner renews it while it
-waits on Engage; a row whose lease expired goes back to ``pending``. Only the head of each
+Leases: a claimed row is ``inflight`` with an owner. The owner's heartbeat is a counter in
+``flushers`` that it moves on while it works; another process gives the owner's rows back to
+``pending`` only after it saw that counter stand still for a whole lease on its own monotonic
+clock (`recover_owner`), never by comparing times another clock wrote. Only the head of each
 contact's chain is claimable, so changes to one contact go out in order while different
 contacts never wait for each other.
+
+Due times survive clock jumps: each is stored with the wait that set it (``due_delay``,
+``poll_delay``, the pause's ``pause_delay``), and one further ahead than that wait was written
+by a clock that was ahead: it is due (or over) now (`_DUE`).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from ._wire import is_contact_id
 __all__ = [
     "WAITS_FOR_API",
     "batch_rows",
+    "beat",
     "bury",
     "claim",
     "claim_batches",
@@ -54,8 +61,10 @@ __all__ = [
     "forget_lease_of_batches",
     "get_change",
     "has_active",
+    "heartbeats",
     "identity",
     "learn_types",
+    "leaving",
     "list_changes",
     "next_batch_poll",
     "not_found_yet",
@@ -66,9 +75,8 @@ __all__ = [
     "prune",
     "queued_create",
     "record_guid",
-    "recover_expired",
+    "recover_owner",
     "release",
-    "renew",
     "replan_export",
     "requeue",
     "requeue_dead",
@@ -85,6 +93,10 @@ __all__ = [
 _ACTIVE = "state IN ('pending', 'inflight', 'waiting_guid')"
 # Every transition that ends a lease clears it the same way.
 _UNLEASED = "lease_owner = NULL, lease_until = NULL"
+# A row is due at its time, or at once when that time is further ahead than the wait that
+# set it (a clock that was ahead wrote it). `:now` is the reader's wall clock.
+_DUE = "(c.next_attempt_at <= :now OR c.next_attempt_at - c.due_delay > :now)"
+_BATCH_DUE = "(next_poll_at <= :now OR next_poll_at - poll_delay > :now)"
 
 
 def _seq_list(seqs: Iterable[int]) -> str:
@@ -389,21 +401,79 @@ def _insert(conn: sqlite3.Connection, change: NewChange, now: float) -> Queued:
 # --- leases ----------------------------------------------------------------------------------
 
 
-def recover_expired(conn: sqlite3.Connection, now: float) -> int:
-    """Return rows and batches whose owner's lease ran out; how many rows came back."""
+def beat(
+    conn: sqlite3.Connection,
+    owner: str,
+    identity: tuple[str, int, str],
+    until: float,
+) -> None:
+    """`owner` is alive: move its heartbeat on (registering it the first time) and push back
+    the expiry shown on what it holds (for people: liveness is judged by the heartbeat).
+    """
+    host, pid, pidns = identity
+    conn.execute(
+        "INSERT INTO flushers (owner, host, pid, pidns) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (owner) DO UPDATE SET beats = beats + 1",
+        (owner, host, pid, pidns),
+    )
+    conn.execute(
+        "UPDATE changes SET lease_until = ? "
+        "WHERE lease_owner = ? AND state IN ('inflight', 'waiting_guid')",
+        (until, owner),
+    )
+    conn.execute(
+        "UPDATE batches SET lease_until = ? WHERE lease_owner = ? AND state = 'submitted'",
+        (until, owner),
+    )
+
+
+def leaving(conn: sqlite3.Connection, owner: str) -> None:
+    """`owner` stops for good (it gave back what it held): forget its heartbeat."""
+    conn.execute("DELETE FROM flushers WHERE owner = ?", (owner,))
+
+
+def heartbeats(conn: sqlite3.Connection) -> dict[str, tuple[int, str, int, str]]:
+    """Every owner that holds a lease or has a heartbeat: owner -> (beats, host, pid, pid
+    namespace); beats -1 for a holder with no heartbeat row.
+    """
+    known = {
+        row["owner"]: (row["beats"], row["host"], row["pid"], row["pidns"])
+        for row in conn.execute("SELECT owner, beats, host, pid, pidns FROM flushers")
+    }
+    holders = conn.execute(
+        "SELECT lease_owner FROM changes WHERE state = 'inflight' AND lease_owner IS NOT NULL "
+        "UNION SELECT lease_owner FROM changes WHERE state = 'waiting_guid' "
+        "AND lease_owner IS NOT NULL "
+        "UNION SELECT lease_owner FROM batches WHERE state = 'submitted' "
+        "AND lease_owner IS NOT NULL"
+    ).fetchall()
+    for (holder,) in holders:
+        known.setdefault(holder, (-1, "", 0, ""))
+    return known
+
+
+def recover_owner(conn: sqlite3.Connection, owner: str, beats: int, now: float) -> int:
+    """`owner` is gone (its heartbeat stood still at `beats`, -1 for none): give back what
+    it held, and forget it; how many rows came back. Nothing happens if it beat since.
+    """
+    row = conn.execute("SELECT beats FROM flushers WHERE owner = ?", (owner,)).fetchone()
+    if (row["beats"] if row is not None else -1) != beats:
+        return 0
     cursor = conn.execute(
-        f"UPDATE changes SET state = 'pending', {_UNLEASED}, updated_at = ? "
-        "WHERE state = 'inflight' AND batch_id IS NULL AND lease_until < ?",
-        (now, now),
+        f"UPDATE changes SET state = 'pending', {_UNLEASED}, next_attempt_at = ?, "
+        "due_delay = 0, updated_at = ? "
+        "WHERE state = 'inflight' AND lease_owner = ? AND batch_id IS NULL",
+        (now, now, owner),
     )
     conn.execute(
-        f"UPDATE changes SET {_UNLEASED} WHERE state = 'waiting_guid' AND lease_until < ?",
-        (now,),
+        f"UPDATE changes SET {_UNLEASED} WHERE state = 'waiting_guid' AND lease_owner = ?",
+        (owner,),
     )
     conn.execute(
-        f"UPDATE batches SET {_UNLEASED} WHERE state = 'submitted' AND lease_until < ?",
-        (now,),
+        f"UPDATE batches SET {_UNLEASED} WHERE state = 'submitted' AND lease_owner = ?",
+        (owner,),
     )
+    leaving(conn, owner)
     return cursor.rowcount
 
 
@@ -414,11 +484,11 @@ def claim(
     rows = conn.execute(
         "SELECT c.*, t.contact_type AS known_type FROM changes AS c "
         "LEFT JOIN contact_types AS t ON t.contact_id = c.contact_id "
-        "WHERE c.state = 'pending' "
-        "AND c.next_attempt_at <= ? AND NOT EXISTS (SELECT 1 FROM changes AS p "
+        f"WHERE c.state = 'pending' AND {_DUE} "
+        "AND NOT EXISTS (SELECT 1 FROM changes AS p "
         "WHERE p.contact_key = c.contact_key AND p.seq < c.seq "
-        "AND p.state IN ('pending', 'inflight', 'waiting_guid')) ORDER BY c.seq LIMIT ?",
-        (now, limit),
+        "AND p.state IN ('pending', 'inflight', 'waiting_guid')) ORDER BY c.seq LIMIT :limit",
+        {"now": now, "limit": limit},
     ).fetchall()
     claimed = [_with_known_type(row) for row in rows]
     # A create is marked "look up first" in the same transaction: if this flusher dies with
@@ -442,19 +512,6 @@ def _with_known_type(row: sqlite3.Row) -> Change:
     return change
 
 
-def renew(conn: sqlite3.Connection, owner: str, until: float) -> None:
-    """Push back the expiry of every row and batch `owner` holds."""
-    conn.execute(
-        "UPDATE changes SET lease_until = ? "
-        "WHERE lease_owner = ? AND state IN ('inflight', 'waiting_guid')",
-        (until, owner),
-    )
-    conn.execute(
-        "UPDATE batches SET lease_until = ? WHERE lease_owner = ? AND state = 'submitted'",
-        (until, owner),
-    )
-
-
 # --- outcomes ----------------------------------------------------------------------------
 
 
@@ -463,21 +520,22 @@ def release(
     owner: str,
     seqs: Iterable[int],
     *,
-    not_before: float,
+    delay: float,
     count_attempt: bool,
     error: str | None,
     send_alone: bool,
     now: float,
 ) -> None:
-    """Give `owner`'s claimed rows back as pending, due again at `not_before`."""
+    """Give `owner`'s claimed rows back as pending, due again in `delay` seconds."""
     conn.executemany(
         f"UPDATE changes SET state = 'pending', {_UNLEASED}, "
-        "next_attempt_at = ?, attempts = attempts + ?, "
+        "next_attempt_at = ?, due_delay = ?, attempts = attempts + ?, "
         "last_error = coalesce(?, last_error), send_alone = max(send_alone, ?), "
         "updated_at = ? WHERE seq = ? AND state = 'inflight' AND lease_owner = ?",
         [
             (
-                not_before,
+                now + delay,
+                delay,
                 int(count_attempt),
                 error and scrub(error),
                 int(send_alone),
@@ -558,13 +616,13 @@ def submit_batch(
     first_poll: float,
     now: float,
 ) -> None:
-    """Record an accepted bulk request and tie its rows to it (their leases end: the batch
-    is followed by whoever polls it).
+    """Record an accepted bulk request, first polled in `first_poll` seconds, and tie its rows
+    to it (their leases end: the batch is followed by whoever polls it).
     """
     conn.execute(
-        "INSERT INTO batches (batch_id, kind, contact_type, submitted_at, next_poll_at)"
-        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (batch_id) DO NOTHING",
-        (batch_id, str(kind), contact_type, now, first_poll),
+        "INSERT INTO batches (batch_id, kind, contact_type, submitted_at, next_poll_at,"
+        " poll_delay) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (batch_id) DO NOTHING",
+        (batch_id, str(kind), contact_type, now, now + first_poll, first_poll),
     )
     conn.executemany(
         f"UPDATE changes SET batch_id = ?, batch_index = ?, {_UNLEASED}, updated_at = ? "
@@ -579,10 +637,9 @@ def claim_batches(
     """Lease batches due for a status poll."""
     rows = conn.execute(
         "SELECT batch_id, kind, contact_type, submitted_at, polls FROM batches "
-        "WHERE state = 'submitted' AND next_poll_at <= ? "
-        "AND (lease_owner IS NULL OR lease_until < ?) "
-        "ORDER BY next_poll_at LIMIT ?",
-        (now, now, limit),
+        f"WHERE state = 'submitted' AND {_BATCH_DUE} AND lease_owner IS NULL "
+        "ORDER BY next_poll_at LIMIT :limit",
+        {"now": now, "limit": limit},
     ).fetchall()
     conn.executemany(
         "UPDATE batches SET lease_owner = ?, lease_until = ? WHERE batch_id = ?",
@@ -595,7 +652,8 @@ def claim_batches(
             row["contact_type"],
             row["submitted_at"],
             row["polls"],
-            now - row["submitted_at"],
+            # A submission stamped in the future was stamped by a clock that was ahead.
+            max(0.0, now - row["submitted_at"]),
         )
         for row in rows
     ]
@@ -611,13 +669,13 @@ def batch_rows(conn: sqlite3.Connection, batch_id: str) -> list[Change]:
 
 
 def poll_batch_later(
-    conn: sqlite3.Connection, batch_id: str, next_poll: float, status: Any
+    conn: sqlite3.Connection, batch_id: str, delay: float, status: Any, now: float
 ) -> None:
-    """The batch still runs: keep its latest status, poll again at `next_poll`."""
+    """The batch still runs: keep its latest status, poll again in `delay` seconds."""
     conn.execute(
-        f"UPDATE batches SET next_poll_at = ?, polls = polls + 1, status = ?, {_UNLEASED} "
-        "WHERE batch_id = ?",
-        (next_poll, json.dumps(status), batch_id),
+        "UPDATE batches SET next_poll_at = ?, poll_delay = ?, polls = polls + 1, status = ?, "
+        f"{_UNLEASED} WHERE batch_id = ?",
+        (now + delay, delay, json.dumps(status), batch_id),
     )
 
 
@@ -645,12 +703,12 @@ def settle_batch(
     buried = bury(conn, failed, now)
     conn.execute(
         "UPDATE changes SET state = 'pending', send_alone = 1, next_attempt_at = ?, "
-        f"updated_at = ?, batch_id = NULL, {_UNLEASED} "
+        f"due_delay = 0, updated_at = ?, batch_id = NULL, {_UNLEASED} "
         "WHERE batch_id = ? AND state = 'inflight' AND seq IN (SELECT value FROM json_each(?))",
         (now, now, batch_id, _seq_list(resend)),
     )
     created = conn.execute(
-        "UPDATE changes SET state = 'waiting_guid', next_attempt_at = ?, "
+        "UPDATE changes SET state = 'waiting_guid', next_attempt_at = ?, due_delay = 0, "
         f"updated_at = ?, batch_id = NULL, {_UNLEASED} "
         "WHERE batch_id = ? AND state = 'inflight' AND operation = 'create'",
         (now, now, batch_id),
@@ -668,17 +726,19 @@ def settle_batch(
     return created + updated, buried
 
 
-def next_batch_poll(conn: sqlite3.Connection) -> float | None:
-    """When a batch in flight is next due for a poll (epoch), or None.
+def next_batch_poll(conn: sqlite3.Connection, now: float) -> float | None:
+    """Seconds until a batch in flight is due for a poll, or None when none is in flight.
 
-    A batch leased by another flusher is due when that lease runs out (if its owner died, it
-    is taken over then).
+    A batch another flusher holds is looked at again in a second: it becomes claimable when
+    that flusher settles it or is found gone.
     """
     row = conn.execute(
-        "SELECT min(max(next_poll_at, coalesce(lease_until, 0))) FROM batches "
-        "WHERE state = 'submitted'"
+        "SELECT min(CASE WHEN lease_owner IS NOT NULL THEN :now + 1.0 "
+        "WHEN next_poll_at - poll_delay > :now THEN :now ELSE next_poll_at END) "
+        "FROM batches WHERE state = 'submitted'",
+        {"now": now},
     ).fetchone()
-    return None if row[0] is None else float(row[0])
+    return None if row[0] is None else max(0.0, float(row[0]) - now)
 
 
 # --- GUID reconciliation ------------------------------------------------------------------
@@ -692,9 +752,9 @@ def claim_waiting(
         "SELECT c.*, EXISTS (SELECT 1 FROM changes AS d "
         "WHERE d.contact_key = c.contact_key AND d.seq > c.seq "
         "AND d.state IN ('pending', 'inflight', 'waiting_guid')) AS blocking "
-        "FROM changes AS c WHERE c.state = 'waiting_guid' AND c.next_attempt_at <= ? "
-        "AND c.lease_owner IS NULL ORDER BY blocking DESC, c.seq LIMIT ?",
-        (now, limit),
+        f"FROM changes AS c WHERE c.state = 'waiting_guid' AND {_DUE} "
+        "AND c.lease_owner IS NULL ORDER BY blocking DESC, c.seq LIMIT :limit",
+        {"now": now, "limit": limit},
     ).fetchall()
     conn.executemany(
         "UPDATE changes SET lease_owner = ?, lease_until = ? WHERE seq = ?",
@@ -704,13 +764,13 @@ def claim_waiting(
 
 
 def not_found_yet(
-    conn: sqlite3.Connection, seq: int, next_lookup: float, count: bool, now: float
+    conn: sqlite3.Connection, seq: int, delay: float, count: bool, now: float
 ) -> None:
-    """A waiting create's key is not on Engage yet: look again at `next_lookup`."""
+    """A waiting create's key is not on Engage yet: look again in `delay` seconds."""
     conn.execute(
-        "UPDATE changes SET lookups = lookups + ?, next_attempt_at = ?, updated_at = ?, "
-        f"{_UNLEASED} WHERE seq = ?",
-        (int(count), next_lookup, now, seq),
+        "UPDATE changes SET lookups = lookups + ?, next_attempt_at = ?, due_delay = ?, "
+        f"updated_at = ?, {_UNLEASED} WHERE seq = ?",
+        (int(count), now + delay, delay, now, seq),
     )
 
 
@@ -720,8 +780,8 @@ def create_again(conn: sqlite3.Connection, seq: int, reason: str, now: float) ->
     """
     conn.execute(
         "UPDATE changes SET state = 'pending', lookup_first = 1, lookups = 0, "
-        "attempts = attempts + 1, next_attempt_at = ?, last_error = ?, updated_at = ?, "
-        f"{_UNLEASED} WHERE seq = ?",
+        "attempts = attempts + 1, next_attempt_at = ?, due_delay = 0, last_error = ?, "
+        f"updated_at = ?, {_UNLEASED} WHERE seq = ?",
         (now, scrub(reason), now, seq),
     )
 
@@ -737,7 +797,7 @@ def exported(
     )
     conn.executemany(
         "UPDATE changes SET state = 'waiting_guid', exported_to = ?, "
-        f"next_attempt_at = ?, updated_at = ?, {_UNLEASED} WHERE seq = ?",
+        f"next_attempt_at = ?, due_delay = 0, updated_at = ?, {_UNLEASED} WHERE seq = ?",
         [(path, now, now, seq) for seq in waiting],
     )
 
@@ -746,17 +806,29 @@ def exported(
 
 
 def pause(conn: sqlite3.Connection, now: float) -> Pause | None:
-    """The pause every flusher obeys, if one is set (it may have run out)."""
+    """The pause every flusher obeys, if one is set (it may have run out).
+
+    A pause set further ahead than its own length was set by a clock that was ahead: over.
+    """
     rows = dict(conn.execute("SELECT name, value FROM control").fetchall())
     if "paused_until" not in rows:
         return None
     until = float(rows["paused_until"])
-    return Pause(until, until - now, rows.get("pause_reason", ""), int(rows.get("outages", "0")))
+    length = float(rows.get("pause_delay", "0"))
+    remaining = until - now if until - length <= now else 0.0
+    return Pause(until, remaining, rows.get("pause_reason", ""), int(rows.get("outages", "0")))
 
 
-def set_pause(conn: sqlite3.Connection, until: float, reason: str, outages: int) -> None:
-    """Make every flusher hold off until `until`."""
-    values = {"paused_until": repr(until), "pause_reason": scrub(reason), "outages": str(outages)}
+def set_pause(
+    conn: sqlite3.Connection, delay: float, reason: str, outages: int, now: float
+) -> None:
+    """Make every flusher hold off for `delay` seconds."""
+    values = {
+        "paused_until": repr(now + delay),
+        "pause_delay": repr(delay),
+        "pause_reason": scrub(reason),
+        "outages": str(outages),
+    }
     conn.executemany(
         "INSERT INTO control (name, value) VALUES (?, ?) "
         "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
@@ -766,7 +838,10 @@ def set_pause(conn: sqlite3.Connection, until: float, reason: str, outages: int)
 
 def clear_pause(conn: sqlite3.Connection) -> None:
     """Lift the pause and reset the outage count."""
-    conn.execute("DELETE FROM control WHERE name IN ('paused_until', 'pause_reason', 'outages')")
+    conn.execute(
+        "DELETE FROM control "
+        "WHERE name IN ('paused_until', 'pause_delay', 'pause_reason', 'outages')"
+    )
 
 
 # --- what is left ---------------------------------------------------------------------------
@@ -786,9 +861,9 @@ def unfinished_count(conn: sqlite3.Connection) -> int:
 def due_count(conn: sqlite3.Connection, at_most: int, now: float) -> int:
     """How many pending changes are due at `now`, counting no further than `at_most`."""
     row = conn.execute(
-        "SELECT count(*) FROM (SELECT 1 FROM changes WHERE state = 'pending' "
-        "AND next_attempt_at <= ? LIMIT ?)",
-        (now, at_most),
+        f"SELECT count(*) FROM (SELECT 1 FROM changes AS c WHERE c.state = 'pending' "
+        f"AND {_DUE} LIMIT :limit)",
+        {"now": now, "limit": at_most},
     ).fetchone()
     return int(row[0])
 
@@ -880,8 +955,8 @@ def get_change(conn: sqlite3.Connection, change_id: str) -> Change | None:
 
 def _revive(conn: sqlite3.Connection, where: str, params: Sequence[Any], now: float) -> int:
     cursor = conn.execute(
-        "UPDATE changes SET state = 'pending', next_attempt_at = ?, attempts = 0, "
-        f"error_code = NULL, last_error = NULL, updated_at = ? WHERE {where}",
+        "UPDATE changes SET state = 'pending', next_attempt_at = ?, due_delay = 0, "
+        f"attempts = 0, error_code = NULL, last_error = NULL, updated_at = ? WHERE {where}",
         (now, now, *params),
     )
     return cursor.rowcount
@@ -993,11 +1068,13 @@ def replan_export(
     return True
 
 
-def stale_exports(conn: sqlite3.Connection, before: float) -> list[tuple[str, str]]:
+def stale_exports(conn: sqlite3.Connection, before: float, lease: float) -> list[tuple[str, str]]:
     """(path, digest) of the plans made before `before`, oldest first."""
+    # A plan stamped in the future was stamped by a clock that was ahead: stale too.
     rows = conn.execute(
-        "SELECT path, digest FROM xml_plans WHERE planned_at < ? ORDER BY planned_at, path",
-        (before,),
+        "SELECT path, digest FROM xml_plans WHERE planned_at < :before "
+        "OR planned_at > :before + :lease ORDER BY planned_at, path",
+        {"before": before, "lease": lease},
     ).fetchall()
     return [(row["path"], row["digest"]) for row in rows]
 
@@ -1036,19 +1113,19 @@ def wait_for_api(
     conn: sqlite3.Connection,
     owner: str,
     seqs: Iterable[int],
-    not_before: float,
+    delay: float,
     reason: str,
     now: float,
 ) -> None:
-    """`owner`'s claimed creates cannot go into an XML file: pending, due at `not_before`,
+    """`owner`'s claimed creates cannot go into an XML file: pending, due in `delay` seconds,
     marked as waiting for the API with `reason`.
     """
     conn.execute(
         f"UPDATE changes SET state = 'pending', {_UNLEASED}, next_attempt_at = ?, "
-        "error_code = ?, last_error = ?, updated_at = ? "
+        "due_delay = ?, error_code = ?, last_error = ?, updated_at = ? "
         "WHERE seq IN (SELECT value FROM json_each(?)) AND state = 'inflight' "
         "AND lease_owner = ?",
-        (not_before, WAITS_FOR_API, scrub(reason), now, _seq_list(seqs), owner),
+        (now + delay, delay, WAITS_FOR_API, scrub(reason), now, _seq_list(seqs), owner),
     )
 
 

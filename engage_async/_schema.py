@@ -49,6 +49,9 @@ CREATE TABLE changes (
     created_at      REAL NOT NULL,
     updated_at      REAL NOT NULL,
     next_attempt_at REAL NOT NULL,
+    due_delay       REAL NOT NULL DEFAULT 0,  -- the wait that set next_attempt_at: a due time
+                                              -- further ahead than that was written by a
+                                              -- clock that was ahead, and is due now
     lease_owner     TEXT,
     lease_until     REAL,
     batch_id        TEXT,
@@ -65,7 +68,7 @@ CREATE TABLE changes (
 CREATE INDEX changes_active_by_contact ON changes (contact_key, seq)
     WHERE state IN ('pending', 'inflight', 'waiting_guid');
 CREATE INDEX changes_pending ON changes (seq) WHERE state = 'pending';
-CREATE INDEX changes_inflight ON changes (lease_until) WHERE state = 'inflight';
+CREATE INDEX changes_inflight ON changes (lease_owner) WHERE state = 'inflight';
 CREATE INDEX changes_waiting ON changes (next_attempt_at) WHERE state = 'waiting_guid';
 CREATE INDEX changes_by_batch ON changes (batch_id) WHERE batch_id IS NOT NULL;
 CREATE INDEX changes_by_ref ON changes (ref) WHERE ref IS NOT NULL;
@@ -95,6 +98,7 @@ CREATE TABLE batches (
     contact_type TEXT,
     submitted_at REAL NOT NULL,
     next_poll_at REAL NOT NULL,
+    poll_delay   REAL NOT NULL DEFAULT 0,  -- the wait that set next_poll_at (as due_delay)
     polls        INTEGER NOT NULL DEFAULT 0,
     lease_owner  TEXT,
     lease_until  REAL,
@@ -112,6 +116,17 @@ CREATE TABLE xml_plans (
     path        TEXT PRIMARY KEY,
     digest      TEXT NOT NULL,      -- SHA-256 of the file's bytes, hex
     planned_at  REAL NOT NULL
+) WITHOUT ROWID;
+
+-- Flushers that may hold leases, and their heartbeats: a flusher's rows are taken over only
+-- by a process that saw its `beats` stand still for a whole lease on its own clock. Host,
+-- pid and pid namespace let a process on the same host see at once that the owner is gone.
+CREATE TABLE flushers (
+    owner  TEXT PRIMARY KEY,
+    host   TEXT NOT NULL,
+    pid    INTEGER NOT NULL,
+    pidns  TEXT NOT NULL,
+    beats  INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 
 -- Shared flusher state, e.g. the pause after an outage that every flusher obeys.

@@ -108,8 +108,18 @@ class OutboxStore(Protocol):
 
     # --- what a flusher does (`owner` names the flusher) -------------------------------------
 
-    async def recover_expired(self) -> int:
-        """Give back rows and batches whose owner stopped renewing; how many rows came back."""
+    async def register(self, owner: str) -> None:
+        """A flusher named `owner` starts; from now on its heartbeat is watched."""
+        ...
+
+    async def unregister(self, owner: str) -> None:
+        """The flusher `owner` stops for good, having given back what it held."""
+        ...
+
+    async def recover_expired(self, owner: str, *, lease_seconds: float) -> int:
+        """Give back rows and batches of flushers (other than `owner`) that stopped renewing
+        for `lease_seconds`, as this process observed it; how many rows came back.
+        """
         ...
 
     async def claim(self, owner: str, *, limit: int, lease_seconds: float) -> list[Change]:
@@ -121,7 +131,7 @@ class OutboxStore(Protocol):
         ...
 
     async def renew(self, owner: str, lease_seconds: float) -> None:
-        """Extend every lease `owner` holds."""
+        """`owner` is alive: its heartbeat moves on, and its leases with it."""
         ...
 
     async def release(
