@@ -31,6 +31,9 @@ from ._errors import (
     OutboxError,
     PayloadError,
     RateLimited,
+    SftpError,
+    SftpRefused,
+    SftpUnavailable,
     UnexpectedResponse,
 )
 from ._flusher import OutboxFlusher
@@ -110,6 +113,9 @@ __all__ = [
     "RateLimited",
     "RedemptionChannel",
     "RewardVoucher",
+    "SftpError",
+    "SftpRefused",
+    "SftpUnavailable",
     "Store",
     "Tiers",
     "Transaction",

@@ -37,6 +37,9 @@ from ._errors import (
     EngageAuthError,
     EngageConfigurationError,
     OutboxError,
+    SftpError,
+    SftpRefused,
+    SftpUnavailable,
     UnexpectedResponse,
 )
 from ._flush_run import FlushRun, Stopped
@@ -46,6 +49,7 @@ from ._outbox import SqliteOutbox
 from ._reconciler import Reconciler
 from ._retry import background_delay
 from ._sender import Sender, affordable
+from ._sftp import XmlUploader
 from ._store import OutboxStore
 from ._transport import Transport
 from ._xml_export import XmlExport
@@ -55,6 +59,8 @@ __all__ = ["OutboxFlusher"]
 log = logging.getLogger(__name__)
 
 _PRUNE_EVERY = 3600.0
+# How often a running flusher looks for XML files to upload when none were just written.
+_UPLOAD_EVERY = 300.0
 
 
 class OutboxFlusher:
@@ -93,6 +99,9 @@ class OutboxFlusher:
         self._unsubscribe: Callable[[], None] | None = None
         self._flushing = asyncio.Lock()
         self._run: FlushRun | None = None
+        # XML files to Engage's SFTP server, when one is configured (`engage_async._sftp`).
+        self._uploader: XmlUploader | None = None
+        self._files_written = asyncio.Event()
         self._last_prune: float | None = None
 
     def __repr__(self) -> str:
@@ -128,6 +137,9 @@ class OutboxFlusher:
         )
         self._unsubscribe = self._store.subscribe(self._wake.set)
         try:
+            if self.config.sftp_enabled:
+                # Built now, so a missing `sftp` extra fails at start-up, not at the first file.
+                self._uploader = XmlUploader(self.config, sleep=self._clock.sleep)
             await self._store.register(self.owner)
             self._transport.open()
         except BaseException:
@@ -200,13 +212,19 @@ class OutboxFlusher:
         self._ready()
         self._stopping = False
         restore = self._handle_signals() if handle_signals else None
+        # Files go up in a task of their own: an SFTP outage must not hold up the API replay.
+        uploads = (
+            asyncio.create_task(self._upload_loop(), name=f"engage-sftp {self.owner}")
+            if self._uploader is not None
+            else None
+        )
         try:
             while not self._stopping:
                 wait = self.config.poll_interval
                 # Cleared before the flush, so an enqueue during it wakes the next one.
                 self._wake.clear()
                 try:
-                    await self.flush_once(wait_for_batches=False)
+                    await self.flush_once(wait_for_batches=False, upload=False)
                     await self._prune_now_and_then()
                 except OutboxError as exc:
                     log.error("outbox unavailable, retrying: %s", exc)  # noqa: TRY400
@@ -223,10 +241,47 @@ class OutboxFlusher:
                     wait = max(wait, self.config.background_delays[0])
                 await wait_for_event(self._clock, self._wake, wait)
         finally:
+            if uploads is not None:
+                # A cancelled upload leaves only a .part on the server, replaced next time.
+                uploads.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await uploads
             if restore is not None:
                 restore()
             if opened_here:
                 await self.close()
+
+    async def _upload_loop(self) -> None:
+        """Upload the XML files as they are written (and files left from before), checking
+        again every `_UPLOAD_EVERY` seconds; problems are logged and tried again later.
+        """
+        while True:
+            self._files_written.clear()
+            try:
+                await self._upload()
+            except SftpRefused as exc:
+                # A configuration problem: the key and known_hosts are read again each time,
+                # so a fix is picked up without a restart.
+                log.error("SFTP upload refused: %s", exc)  # noqa: TRY400
+            except SftpError as exc:
+                log.warning("SFTP upload failed, will try again: %s", exc)
+            await wait_for_event(self._clock, self._files_written, _UPLOAD_EVERY)
+
+    async def _upload(self) -> int:
+        """Upload the files waiting in `xml_dir`; how many went up.
+
+        Raises:
+            SftpRefused: a configuration problem (host key, login, rights).
+            SftpError: a local file could not be read or moved.
+        """
+        if self._uploader is None:
+            return 0
+        try:
+            report = await self._uploader.upload_pending()
+        except SftpUnavailable as exc:
+            log.warning("Engage's SFTP server is unavailable; the files wait: %s", exc)
+            return 0
+        return len(report.uploaded)
 
     def _handle_signals(self) -> Callable[[], None] | None:
         loop = asyncio.get_running_loop()
@@ -260,12 +315,15 @@ class OutboxFlusher:
         *,
         wait_for_batches: bool = True,
         on_progress: Callable[[FlushReport], None] | None = None,
+        upload: bool = True,
     ) -> FlushReport:
         """Send what is due now, and return what happened.
 
         With `wait_for_batches`, also waits for the bulk batches in flight to finish (polling
         at growing intervals) so their outcome is in the report. Returns early while every
-        flusher is paused after an outage.
+        flusher is paused after an outage. With an SFTP server configured (and `upload`),
+        the XML files written are then uploaded (an unreachable server is logged; the files
+        wait for the next flush).
 
         Raises:
             OutboxError: the outbox cannot be read or written.
@@ -273,6 +331,7 @@ class OutboxFlusher:
                 counted against any change).
             EngageConfigurationError: Engage reports its tenant misconfigured
                 (``InvalidSystemConfiguration``); the same.
+            SftpRefused: the SFTP server refused the host key, the login or the rights.
         """
         store = self._ready()
         run = FlushRun(store, self.owner)
@@ -317,6 +376,10 @@ class OutboxFlusher:
                     await keeper
                 with contextlib.suppress(OutboxError):
                     await asyncio.shield(run.release_held())
+        if run.counts["exported"]:
+            self._files_written.set()
+        if upload and not self._stopping:
+            run.count("uploaded", await self._upload())
         return run.report(await store.unfinished_count())
 
     async def _step(self, run: FlushRun) -> bool:
