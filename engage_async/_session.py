@@ -90,6 +90,10 @@ T = TypeVar("T")
 _NETWORK_SHARE: Final = 0.9
 _REDEMPTION_CHANNELS: Final = frozenset({"POS", "ECOM", "OTHER"})
 _IF_EXISTS: Final = ("return", "update")
+_UNKNOWN_REF: Final = (
+    "no create with this ref is known to this outbox (a ref is known only to the outbox of "
+    "the session that made it)"
+)
 
 
 @attrs.frozen
@@ -767,7 +771,8 @@ class EngageSession:
         yet known, asks Engage by the contact's key (and records the answer).
 
         Raises:
-            ValueError: `ref` is not a ref (``ref_`` and 32 hex digits).
+            ValueError: `ref` is not a ref (``ref_`` and 32 hex digits), or no create with
+                it is known to this outbox (a ref made with another outbox, say).
         """
         outbox = self._ready()
         if not isinstance(ref, str) or not is_ref(ref):
@@ -776,7 +781,9 @@ class EngageSession:
         if known is not None:
             return known
         create = await outbox.create_of(ref)
-        if create is None or create.state != "waiting_guid" or not create.key_name:
+        if create is None:
+            raise ValueError(f"ref: {_UNKNOWN_REF}")
+        if create.state != "waiting_guid" or not create.key_name:
             return None
         found = await self._lookup(
             lookup_parameter(create.key_name),
@@ -796,7 +803,7 @@ class EngageSession:
             if guid is not None:
                 return _Target(contact_key(contact_id=guid), guid, ref)
             if await outbox.create_of(ref) is None:
-                raise ValueError("contact_id_or_ref: no create with this ref is known here")
+                raise ValueError(f"contact_id_or_ref: {_UNKNOWN_REF}")
             return _Target(contact_key(ref=ref), None, ref)
         guid = normalize_contact_id(contact_id_or_ref, "contact_id_or_ref")
         return _Target(contact_key(contact_id=guid), guid)
