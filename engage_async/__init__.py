@@ -54,7 +54,7 @@ from ._models import (
 )
 from ._session import EngageSession
 from ._wire import CLEAR
-from .admin import OutboxAdmin, OutboxEntry, OutboxStats
+from .admin import OutboxAdmin, OutboxEntry, OutboxStats, SalvageReport
 
 try:
     __version__ = _version("engage-async")
@@ -110,6 +110,7 @@ __all__ = [
     "RateLimited",
     "RedemptionChannel",
     "RewardVoucher",
+    "SalvageReport",
     "Store",
     "Tiers",
     "Transaction",

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import warnings
 from collections.abc import AsyncIterator, Callable, Mapping
 from types import TracebackType
 from typing import Any, Final, Literal, Self, TypeVar
@@ -140,6 +141,12 @@ class EngageSession:
         )
 
     # --- lifecycle ---------------------------------------------------------------------------
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        # Never raises and never touches the event loop: it may run at exit, or in any thread.
+        lifecycle = getattr(self, "_lifecycle", None)
+        if lifecycle is not None and lifecycle.state == "open":
+            _warn(f"unclosed {self!r}: use `async with`", ResourceWarning, source=self)
 
     async def __aenter__(self) -> Self:
         await self.open()
