@@ -57,7 +57,7 @@ from ._models import (
 )
 from ._session import EngageSession
 from ._wire import CLEAR
-from .admin import OutboxAdmin, OutboxEntry, OutboxStats
+from .admin import OutboxAdmin, OutboxEntry, OutboxStats, SalvageReport
 
 try:
     __version__ = _version("engage-async")
@@ -113,6 +113,7 @@ __all__ = [
     "RateLimited",
     "RedemptionChannel",
     "RewardVoucher",
+    "SalvageReport",
     "SftpError",
     "SftpRefused",
     "SftpUnavailable",

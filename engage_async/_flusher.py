@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 import uuid
+import warnings
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self
@@ -109,6 +110,12 @@ class OutboxFlusher:
 
     # --- lifecycle -----------------------------------------------------------------------------
 
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        # Never raises and never touches the event loop: it may run at exit, or in any thread.
+        lifecycle = getattr(self, "_lifecycle", None)
+        if lifecycle is not None and lifecycle.state == "open":
+            _warn(f"unclosed {self!r}: use `async with`", ResourceWarning, source=self)
+
     async def __aenter__(self) -> Self:
         await self.open()
         return self
@@ -126,7 +133,9 @@ class OutboxFlusher:
 
         Raises:
             RuntimeError: opened before.
-            OutboxError: the outbox file cannot be used.
+            OutboxError: the outbox file cannot be used, or there is none: only an
+                `EngageSession` creates one (a flusher started in the wrong directory must not
+                drain an empty outbox of its own while the app's changes wait).
         """
         self._lifecycle.opening()
         self._store = await SqliteOutbox.open(
@@ -134,6 +143,7 @@ class OutboxFlusher:
             busy_timeout=self.config.busy_timeout,
             durability=self.config.durability,
             clock=self._clock,
+            create=False,
         )
         self._unsubscribe = self._store.subscribe(self._wake.set)
         try:

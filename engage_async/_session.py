@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import warnings
 from collections.abc import AsyncIterator, Callable, Mapping
 from types import TracebackType
 from typing import Any, Final, Literal, Self, TypeVar
@@ -90,6 +91,10 @@ T = TypeVar("T")
 _NETWORK_SHARE: Final = 0.9
 _REDEMPTION_CHANNELS: Final = frozenset({"POS", "ECOM", "OTHER"})
 _IF_EXISTS: Final = ("return", "update")
+_UNKNOWN_REF: Final = (
+    "no create with this ref is known to this outbox (a ref is known only to the outbox of "
+    "the session that made it)"
+)
 
 
 @attrs.frozen
@@ -136,6 +141,12 @@ class EngageSession:
         )
 
     # --- lifecycle ---------------------------------------------------------------------------
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        # Never raises and never touches the event loop: it may run at exit, or in any thread.
+        lifecycle = getattr(self, "_lifecycle", None)
+        if lifecycle is not None and lifecycle.state == "open":
+            _warn(f"unclosed {self!r}: use `async with`", ResourceWarning, source=self)
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -847,7 +858,8 @@ class EngageSession:
         yet known, asks Engage by the contact's key (and records the answer).
 
         Raises:
-            ValueError: `ref` is not a ref (``ref_`` and 32 hex digits).
+            ValueError: `ref` is not a ref (``ref_`` and 32 hex digits), or no create with
+                it is known to this outbox (a ref made with another outbox, say).
         """
         outbox = self._ready()
         if not isinstance(ref, str) or not is_ref(ref):
@@ -856,7 +868,9 @@ class EngageSession:
         if known is not None:
             return known
         create = await outbox.create_of(ref)
-        if create is None or create.state != "waiting_guid" or not create.key_name:
+        if create is None:
+            raise ValueError(f"ref: {_UNKNOWN_REF}")
+        if create.state != "waiting_guid" or not create.key_name:
             return None
         found = await self._lookup(
             lookup_parameter(create.key_name),
@@ -876,7 +890,7 @@ class EngageSession:
             if guid is not None:
                 return _Target(contact_key(contact_id=guid), guid, ref)
             if await outbox.create_of(ref) is None:
-                raise ValueError("contact_id_or_ref: no create with this ref is known here")
+                raise ValueError(f"contact_id_or_ref: {_UNKNOWN_REF}")
             return _Target(contact_key(ref=ref), None, ref)
         guid = normalize_contact_id(contact_id_or_ref, "contact_id_or_ref")
         return _Target(contact_key(contact_id=guid), guid)

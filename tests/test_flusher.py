@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import make_config
+from helpers import create_outbox, make_config
 
 import engage_async as ea
 from engage_async.testing import FakeEngage, RecordedRequest
@@ -715,6 +715,7 @@ async def test_a_flusher_is_used_only_while_open(fake: FakeEngage, tmp_path: Pat
     be opened again; closing twice is harmless.
     """
     config = flusher_config(fake, tmp_path)
+    await create_outbox(config.outbox_path)
     flusher = ea.OutboxFlusher(config)
     with pytest.raises(RuntimeError, match="not open"):
         await flusher.flush_once()
@@ -740,7 +741,7 @@ async def test_a_started_flusher_drains_what_the_session_queues_without_being_as
     """
     config = flusher_config(fake, tmp_path, poll_interval=30.0)
     guid = fake.add_contact({"email": "app@example.com"})
-    async with ea.OutboxFlusher(config) as flusher, ea.EngageSession(config) as engage:
+    async with ea.EngageSession(config) as engage, ea.OutboxFlusher(config) as flusher:
         task = flusher.start()
         await asyncio.sleep(0.05)  # the first, empty flush is over; it now sleeps
         fake.inject("server_error", method="PATCH", status=503, times=config.retry_attempts)

@@ -841,7 +841,7 @@ async def test_a_running_flusher_survives_an_unreadable_answer(
         content_type="text/html",
         times=1,
     )
-    async with ea.OutboxFlusher(config) as flusher, ea.EngageSession(config) as engage:
+    async with ea.EngageSession(config) as engage, ea.OutboxFlusher(config) as flusher:
         await fake.go_down()
         await queue_update(engage, first, {"firstName": "One"})
         await fake.come_up()
