@@ -48,6 +48,8 @@ class OutboxStats:
         paused_until: when the flushers' pause after an outage ends, if one is set.
         pause_reason: why they pause.
         batches_in_flight: bulk batches Engage accepted that are still being followed.
+        waiting_for_api: creates that wait for the API because an XML import file cannot
+            carry their options (source, store, unapproved).
     """
 
     by_state: Mapping[str, int]
@@ -55,6 +57,7 @@ class OutboxStats:
     paused_until: datetime | None
     pause_reason: str | None = None
     batches_in_flight: int = 0
+    waiting_for_api: int = 0
 
 
 @attrs.frozen
@@ -212,6 +215,7 @@ class OutboxAdmin:
         """Counts per state, the age of the oldest waiting change, and the flushers' pause."""
         async with self._outbox() as store:
             counts = await store.counts()
+            waiting_for_api = await store.waiting_for_api()
         pause = counts.pause if counts.pause is not None and counts.pause.remaining > 0 else None
         return OutboxStats(
             by_state=counts.by_state,
@@ -219,6 +223,7 @@ class OutboxAdmin:
             paused_until=None if pause is None else datetime.fromtimestamp(pause.until, UTC),
             pause_reason=None if pause is None else pause.reason,
             batches_in_flight=counts.batches_in_flight,
+            waiting_for_api=waiting_for_api,
         )
 
     async def list(

@@ -310,6 +310,8 @@ async def _outbox(args: argparse.Namespace) -> int:
             age = stats.oldest_pending_age
             print(f"oldest waiting: {'-' if age is None else f'{age:.0f} s'}")
             print(f"batches in flight: {stats.batches_in_flight}")
+            if stats.waiting_for_api:
+                print(f"waiting for the API (options XML cannot carry): {stats.waiting_for_api}")
             if stats.paused_until is not None:
                 print(f"paused until {stats.paused_until:%Y-%m-%d %H:%M:%S}Z: {stats.pause_reason}")
         elif args.action == "list":

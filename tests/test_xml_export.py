@@ -278,11 +278,7 @@ async def test_a_create_with_options_waits_for_the_api_in_xml_mode(
 
     async with ea.OutboxFlusher(config) as flusher:
         report = await flusher.flush_once()
-    outbox = await SqliteOutbox.open(config.outbox_path)
-    try:
-        waiting = await outbox.waiting_for_api()
-    finally:
-        await outbox.close()
+    waiting = (await ea.OutboxAdmin(config.outbox_path).stats()).waiting_for_api
 
     row = rows(config)[recruited]
     assert (1, 0, 1) == (report.exported, report.dead, waiting)
