@@ -42,10 +42,13 @@ class Outage(Exception):
         retry_after: float | None = None,
         *,
         config_problem: EngageAuthError | EngageConfigurationError | None = None,
+        request_sent: bool = True,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
+        # Whether the request that met the outage may have reached Engage.
+        self.request_sent = request_sent
         # Engage refused the API key, or reports its tenant misconfigured: no waiting fixes
         # that, so flush_once says so.
         self.config_problem = config_problem
@@ -76,10 +79,10 @@ class BackgroundCalls:
                 )
         except TimeoutError:
             # Only a stop reschedules this timeout: the request was abandoned, its fate
-            # unknown (the claim marked a create to be looked up first).
-            raise Stopped from None
+            # unknown.
+            raise Stopped(abandoned=True) from None
         except EngageUnavailable as exc:
-            raise Outage(str(exc)) from exc
+            raise Outage(str(exc), request_sent=exc.request_sent) from exc
         finally:
             run.came_back()
         try:

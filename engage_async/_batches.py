@@ -9,6 +9,7 @@ that ties Engage's per-item failures to outbox rows.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from typing import Any
 
 from . import _http
@@ -19,7 +20,7 @@ from ._errors import EngageHTTPError
 from ._flush_run import FlushRun
 from ._redact import scrub
 
-__all__ = ["BatchFollower", "attribute_failures"]
+__all__ = ["BatchFollower", "attribute_failures", "created_guids"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,20 @@ def attribute_failures(
     if unclear:
         resend.update(r.seq for r in rows if r.seq not in failed)
     return failed, resend
+
+
+def created_guids(
+    rows: list[Change], status: _http.BatchStatus, *, skip: Collection[int] = ()
+) -> dict[int, str]:
+    """The GUIDs a finished create batch's status gives, by the seq of each row (matched by
+    its index in the request); rows in `skip` (failed, or sent again) get none.
+    """
+    by_index = {r.batch_index: r.seq for r in rows if r.batch_index is not None}
+    return {
+        by_index[index]: contact_id
+        for index, contact_id in status.contact_ids
+        if index in by_index and by_index[index] not in skip
+    }
 
 
 class BatchFollower:
@@ -117,11 +132,16 @@ class BatchFollower:
     ) -> None:
         failed: dict[int, tuple[str | None, str]] = {}
         resend: set[int] = set()
-        if status.failures or status.failed_entirely or status.failed_count:
-            # Only a batch with failures needs its rows read back, to tell which failed.
-            failed, resend = attribute_failures(await run.store.batch_rows(batch.batch_id), status)
+        created: dict[int, str] = {}
+        tells_guids = batch.kind is Operation.CREATE and bool(status.contact_ids)
+        if status.failures or status.failed_entirely or status.failed_count or tells_guids:
+            # Only a batch with failures (or GUIDs to record) needs its rows read back.
+            rows = await run.store.batch_rows(batch.batch_id)
+            failed, resend = attribute_failures(rows, status)
+            if tells_guids:
+                created = created_guids(rows, status, skip=failed.keys() | resend)
         applied, dead = await run.store.settle_batch(
-            batch.batch_id, data, failed=failed, resend=resend
+            batch.batch_id, data, failed=failed, resend=resend, created=created
         )
         run.count("created" if batch.kind is Operation.CREATE else "updated", applied)
         run.count("dead", dead)

@@ -91,13 +91,16 @@ def contact_id_in(answer: Any) -> str | None:
     return None
 
 
-def must_look_up_first(*, key_was_free: bool, outcomes: Iterable[CreateOutcome]) -> bool:
+def must_look_up_first(outcomes: Iterable[CreateOutcome]) -> bool:
     """Must a queued create be looked up by its key before it is sent again?
 
-    Not when Engage said its key was free and none of the attempts since can have made the
-    contact (each never left, was refused with 429, or was rolled back); always otherwise.
+    Only when one of its attempts may have made the contact (no verdict came back, or Engage
+    said it exists or is being created). A create whose attempts provably never left, were
+    refused with 429 or were rolled back is sent as it is: should the contact exist by then
+    (made elsewhere), Engage answers ``ApprovedContactWithKeyExists`` and the create policy
+    takes it from there, at no extra request when it does not.
     """
-    return not key_was_free or any(outcome in _MAY_EXIST for outcome in outcomes)
+    return any(outcome in _MAY_EXIST for outcome in outcomes)
 
 
 def without_type(attributes: Mapping[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from ._changes import Change
+from ._changes import Change, Operation
 from ._models import FlushReport
 from ._store import Failures, OutboxStore
 
@@ -27,7 +27,14 @@ _COUNTED = tuple(field.name for field in attrs.fields(FlushReport) if field.name
 
 
 class Stopped(Exception):
-    """The flusher is stopping: no new request goes out, and the flush ends."""
+    """The flusher is stopping: no new request goes out, and the flush ends.
+
+    `abandoned`: a request was out and was given up; it may have reached Engage.
+    """
+
+    def __init__(self, *, abandoned: bool = False) -> None:
+        super().__init__("the flusher is stopping")
+        self.abandoned = abandoned
 
 
 class FlushRun:
@@ -37,8 +44,10 @@ class FlushRun:
         self.store = store
         self.owner = owner
         self.counts = dict.fromkeys(_COUNTED, 0)
-        # Claimed and not yet settled: given back as pending if the flush stops early.
+        # Claimed and not yet settled: given back as pending if the flush stops early...
         self.held: set[int] = set()
+        # ... and of those, the ones whose request may have reached Engage (looked up first).
+        self.maybe_sent: set[int] = set()
         # Engage took a write (applied it, or rejected it for a reason of its own) in this
         # step. Lookups do not count: during a write outage GETs may still be answered.
         self.served = False
@@ -103,7 +112,22 @@ class FlushRun:
 
     def let_go(self, seqs: Iterable[int]) -> None:
         """Rows that are no longer this flush's to give back (settled, or in a batch)."""
+        seqs = set(seqs)
         self.held.difference_update(seqs)
+        self.maybe_sent.difference_update(seqs)
+
+    async def about_to_send(self, changes: Iterable[Change]) -> None:
+        """These changes' requests are about to go out: the creates among them are recorded
+        as such, in one commit, so that a create is looked up first only if its request may
+        have reached Engage.
+        """
+        await self.store.about_to_send(
+            self.owner, [c.seq for c in changes if c.operation is Operation.CREATE]
+        )
+
+    def may_have_reached(self, changes: Iterable[Change]) -> None:
+        """The request carrying these changes may have reached Engage (no answer, a 5xx)."""
+        self.maybe_sent.update(change.seq for change in changes)
 
     async def finish(self, changes: Iterable[Change]) -> None:
         """Engage applied these."""
@@ -127,8 +151,11 @@ class FlushRun:
         count_attempt: bool = False,
         error: str | None = None,
         send_alone: bool = False,
+        maybe_sent: bool = False,
     ) -> None:
-        """Give rows back as pending, due again in `delay` seconds."""
+        """Give rows back as pending, due again in `delay` seconds; `maybe_sent` when their
+        request may have reached Engage.
+        """
         seqs = [change.seq for change in changes]
         await self.store.release(
             self.owner,
@@ -137,15 +164,23 @@ class FlushRun:
             count_attempt=count_attempt,
             error=error,
             send_alone=send_alone,
+            maybe_sent=maybe_sent,
         )
         self.let_go(seqs)
 
     async def release_held(self) -> None:
-        """Give back every row claimed but not settled (the flush stopped mid-step)."""
+        """Give back every row claimed but not settled (the flush stopped mid-step): those
+        whose request may have reached Engage are looked up before they are sent again; the
+        rest provably never left.
+        """
         if not self.held:
             return
-        held, self.held = list(self.held), set()
-        await self.store.release(self.owner, held)
+        held, self.held = self.held, set()
+        maybe, self.maybe_sent = held & self.maybe_sent, set()
+        if maybe:
+            await self.store.release(self.owner, sorted(maybe), maybe_sent=True)
+        if held - maybe:
+            await self.store.release(self.owner, sorted(held - maybe))
 
     async def created(self, change: Change, contact_id: str) -> None:
         """The create exists on Engage as `contact_id`."""

@@ -42,6 +42,9 @@ __all__ = [
 
 MAX_BODY: Final = 2000
 PAGE_SIZE: Final = 100
+_GUID_TEXT = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
 _IDENTIFIER = re.compile(r"[A-Za-z][A-Za-z0-9_.]{1,80}")
 
 
@@ -600,12 +603,15 @@ class BatchStatus:
         failed_entirely: Engage reports the batch as a whole failed.
         failures: the items it names as failed.
         failed_count: how many failed by its count, when it gives one.
+        contact_ids: (index in the request, GUID) of the items it names as done with their
+            contact's id, when it gives them (a created contact then needs no lookup).
     """
 
     finished: bool
     failed_entirely: bool = False
     failures: tuple[ItemFailure, ...] = ()
     failed_count: int | None = None
+    contact_ids: tuple[tuple[int, str], ...] = ()
 
 
 def _word(value: Any) -> str:
@@ -637,7 +643,37 @@ def read_batch_status(data: Any) -> BatchStatus:
         failed_entirely=state in _FAILED,
         failures=tuple(failures),
         failed_count=count,
+        contact_ids=_item_contact_ids(lowered),
     )
+
+
+def _item_contact_ids(lowered: Mapping[str, Any]) -> tuple[tuple[int, str], ...]:
+    """The GUIDs a status gives per item: a list aligned with the request (``contactIds``), or
+    per-item results (``items``/``results``) naming an index (or a row from 1) and a
+    ``contactId`` without an error. Anything else gives none (the creates are then looked up).
+    """
+    aligned = lowered.get("contactids")
+    if isinstance(aligned, list):
+        return tuple(
+            (index, value.lower())
+            for index, value in enumerate(aligned)
+            if isinstance(value, str) and _GUID_TEXT.fullmatch(value)
+        )
+    for name in ("items", "results", "itemresults"):
+        items = lowered.get(name)
+        if isinstance(items, list):
+            found: list[tuple[int, str]] = []
+            for item in items:
+                if not isinstance(item, Mapping):
+                    continue
+                result = _item_failure(item)
+                contact_id = result.contact_id
+                if result.error_code or result.index is None or contact_id is None:
+                    continue
+                if _GUID_TEXT.fullmatch(contact_id):
+                    found.append((result.index, contact_id.lower()))
+            return tuple(found)
+    return ()
 
 
 def _item_failure(item: Mapping[str, Any]) -> ItemFailure:

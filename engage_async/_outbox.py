@@ -360,6 +360,12 @@ class SqliteOutbox:
         now = self._now()
         await self._write(lambda conn: _rows.beat(conn, owner, _PROCESS, now + lease_seconds))
 
+    async def about_to_send(self, owner: str, seqs: Iterable[int]) -> None:
+        """`owner` is about to send these creates; committed before returning."""
+        seqs = list(seqs)
+        if seqs:
+            await self._write(lambda conn: _rows.about_to_send(conn, owner, seqs))
+
     async def release(
         self,
         owner: str,
@@ -369,6 +375,7 @@ class SqliteOutbox:
         count_attempt: bool = False,
         error: str | None = None,
         send_alone: bool = False,
+        maybe_sent: bool = False,
     ) -> None:
         """Give claimed rows back as pending, due again in `delay` seconds."""
         now = self._now()
@@ -382,6 +389,7 @@ class SqliteOutbox:
                 count_attempt=count_attempt,
                 error=error,
                 send_alone=send_alone,
+                maybe_sent=maybe_sent,
                 now=now,
             )
         )
@@ -447,13 +455,20 @@ class SqliteOutbox:
         await self._write(lambda conn: _rows.forget_lease_of_batches(conn, owner, batch_ids))
 
     async def settle_batch(
-        self, batch_id: str, status: Any, *, failed: Failures, resend: Iterable[int]
+        self,
+        batch_id: str,
+        status: Any,
+        *,
+        failed: Failures,
+        resend: Iterable[int],
+        created: Mapping[int, str] | None = None,
     ) -> tuple[int, int]:
         """Settle a finished batch in one transaction; (rows applied, rows dead)."""
         now = self._now()
         resend = list(resend)
+        known = dict(created or {})
         result: tuple[int, int] = await self._write(
-            lambda conn: _rows.settle_batch(conn, batch_id, status, failed, resend, now)
+            lambda conn: _rows.settle_batch(conn, batch_id, status, failed, resend, known, now)
         )
         return result
 

@@ -40,6 +40,7 @@ from ._wire import is_contact_id
 
 __all__ = [
     "WAITS_FOR_API",
+    "about_to_send",
     "batch_rows",
     "beat",
     "bury",
@@ -461,7 +462,7 @@ def recover_owner(conn: sqlite3.Connection, owner: str, beats: int, now: float) 
         return 0
     cursor = conn.execute(
         f"UPDATE changes SET state = 'pending', {_UNLEASED}, next_attempt_at = ?, "
-        "due_delay = 0, updated_at = ? "
+        "due_delay = 0, lookup_first = max(lookup_first, sending), sending = 0, updated_at = ? "
         "WHERE state = 'inflight' AND lease_owner = ? AND batch_id IS NULL",
         (now, now, owner),
     )
@@ -491,15 +492,23 @@ def claim(
         {"now": now, "limit": limit},
     ).fetchall()
     claimed = [_with_known_type(row) for row in rows]
-    # A create is marked "look up first" in the same transaction: if this flusher dies with
-    # the request on the wire, the next one checks whether the contact exists first.
     conn.execute(
         "UPDATE changes SET state = 'inflight', lease_owner = ?, lease_until = ?, "
-        "updated_at = ?, lookup_first = CASE WHEN operation = 'create' THEN 1 "
-        "ELSE lookup_first END WHERE seq IN (SELECT value FROM json_each(?))",
+        "sending = 0, updated_at = ? WHERE seq IN (SELECT value FROM json_each(?))",
         (owner, until, now, _seq_list(change.seq for change in claimed)),
     )
     return claimed
+
+
+def about_to_send(conn: sqlite3.Connection, owner: str, seqs: Iterable[int]) -> None:
+    """`owner` is about to send these creates: if it vanishes now, each may exist on Engage
+    and is looked up before it is sent again (`recover_owner`).
+    """
+    conn.execute(
+        "UPDATE changes SET sending = 1 WHERE seq IN (SELECT value FROM json_each(?)) "
+        "AND operation = 'create' AND state = 'inflight' AND lease_owner = ?",
+        (_seq_list(seqs), owner),
+    )
 
 
 def _with_known_type(row: sqlite3.Row) -> Change:
@@ -524,14 +533,21 @@ def release(
     count_attempt: bool,
     error: str | None,
     send_alone: bool,
+    maybe_sent: bool,
     now: float,
 ) -> None:
-    """Give `owner`'s claimed rows back as pending, due again in `delay` seconds."""
+    """Give `owner`'s claimed rows back as pending, due again in `delay` seconds.
+
+    `maybe_sent`: their request may have reached Engage (a timeout, a lost answer, a 5xx):
+    a create marked as about to be sent is looked up before it is sent again. Otherwise the
+    mark is dropped: the request provably never left.
+    """
     conn.executemany(
         f"UPDATE changes SET state = 'pending', {_UNLEASED}, "
         "next_attempt_at = ?, due_delay = ?, attempts = attempts + ?, "
         "last_error = coalesce(?, last_error), send_alone = max(send_alone, ?), "
-        "updated_at = ? WHERE seq = ? AND state = 'inflight' AND lease_owner = ?",
+        "lookup_first = CASE WHEN ? THEN max(lookup_first, sending) ELSE lookup_first END, "
+        "sending = 0, updated_at = ? WHERE seq = ? AND state = 'inflight' AND lease_owner = ?",
         [
             (
                 now + delay,
@@ -539,6 +555,7 @@ def release(
                 int(count_attempt),
                 error and scrub(error),
                 int(send_alone),
+                int(maybe_sent),
                 now,
                 seq,
                 owner,
@@ -693,21 +710,41 @@ def settle_batch(
     status: Any,
     failed: Failures,
     resend: Iterable[int],
+    created: Mapping[int, str],
     now: float,
 ) -> tuple[int, int]:
     """Settle a finished batch; (rows applied, rows dead).
 
-    Each step takes its rows out of the batch (batch_id NULL), so the next ones only see what
-    is left.
+    `created` are the creates whose GUID the batch status told (done at once); the other
+    creates wait for a lookup. Rows sent again are creates that reached Engage in a batch
+    whose outcome for them is unclear: each is looked up before it is sent again. Each step
+    takes its rows out of the batch (batch_id NULL), so the next ones only see what is left.
     """
     buried = bury(conn, failed, now)
     conn.execute(
         "UPDATE changes SET state = 'pending', send_alone = 1, next_attempt_at = ?, "
-        f"due_delay = 0, updated_at = ?, batch_id = NULL, {_UNLEASED} "
+        "lookup_first = CASE WHEN operation = 'create' THEN 1 ELSE lookup_first END, "
+        f"sending = 0, due_delay = 0, updated_at = ?, batch_id = NULL, {_UNLEASED} "
         "WHERE batch_id = ? AND state = 'inflight' AND seq IN (SELECT value FROM json_each(?))",
         (now, now, batch_id, _seq_list(resend)),
     )
-    created = conn.execute(
+    known = 0
+    for seq, contact_id in created.items():
+        row = conn.execute(
+            "SELECT ref, key_name, key_value, contact_type, contact_key FROM changes "
+            "WHERE seq = ? AND batch_id = ? AND state = 'inflight' AND operation = 'create'",
+            (seq, batch_id),
+        ).fetchone()
+        if row is None:
+            continue
+        _guid_found(conn, row, contact_id, now)
+        conn.execute(
+            "UPDATE changes SET state = 'done', contact_id = ?, done_at = ?, updated_at = ?, "
+            f"batch_id = NULL, sending = 0, {_UNLEASED} WHERE seq = ?",
+            (contact_id, now, now, seq),
+        )
+        known += 1
+    waiting = conn.execute(
         "UPDATE changes SET state = 'waiting_guid', next_attempt_at = ?, due_delay = 0, "
         f"updated_at = ?, batch_id = NULL, {_UNLEASED} "
         "WHERE batch_id = ? AND state = 'inflight' AND operation = 'create'",
@@ -723,7 +760,7 @@ def settle_batch(
         "WHERE batch_id = ?",
         (json.dumps(status), now, batch_id),
     )
-    return created + updated, buried
+    return known + waiting + updated, buried
 
 
 def next_batch_poll(conn: sqlite3.Connection, now: float) -> float | None:
@@ -1096,7 +1133,8 @@ def finish_export(conn: sqlite3.Connection, path: str, written: str, now: float)
     parked = "xml_plan = ? AND state = 'inflight' AND lease_owner IS NULL"
     waiting = conn.execute(
         "UPDATE changes SET state = 'waiting_guid', exported_to = ?, xml_plan = NULL, "
-        f"next_attempt_at = ?, updated_at = ? WHERE {parked} AND operation = 'create'",
+        "next_attempt_at = ?, due_delay = 0, updated_at = ? "
+        f"WHERE {parked} AND operation = 'create'",
         (written, now, now, path),
     ).rowcount
     done = conn.execute(

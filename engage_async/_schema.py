@@ -56,6 +56,9 @@ CREATE TABLE changes (
                                         -- update if the contact turns out to exist)
     query           TEXT,               -- JSON object: source, storeExternalId, ...
     lookup_first    INTEGER NOT NULL DEFAULT 0,  -- a create that may exist: look up first
+    sending         INTEGER NOT NULL DEFAULT 0,  -- recorded just before its request goes out:
+                                                 -- a create whose flusher then vanished may
+                                                 -- exist, and is looked up first
     if_exists       TEXT,               -- create: 'return' or 'update'
     attempts        INTEGER NOT NULL DEFAULT 0,  -- definitive failures only, never outages
     lookups         INTEGER NOT NULL DEFAULT 0,  -- GUID lookups made while waiting_guid

@@ -46,7 +46,7 @@ from ._errors import (
     MultipleMatches,
     RateLimited,
 )
-from ._flush_run import FlushRun
+from ._flush_run import FlushRun, Stopped
 from ._keys import contact_key
 from ._retry import background_delay
 from ._xml_export import XmlExport
@@ -266,12 +266,37 @@ class Sender:
             )
         return _http.update_contact_type(self._root, guid, change.contact_type or "")
 
+    async def _write(self, call: _http.Call, changes: list[Change], run: FlushRun) -> Any:
+        """Send one write carrying `changes`; when it may have reached Engage without a
+        verdict (no answer, a 5xx, abandoned on a stop), they are noted as maybe sent.
+        """
+        try:
+            return await self._calls.request(call, run, write=True)
+        except Outage as exc:
+            if exc.request_sent:
+                run.may_have_reached(changes)
+            raise
+        except Stopped as exc:
+            if exc.abandoned:
+                run.may_have_reached(changes)
+            raise
+        except EngageServerError as exc:
+            if create_outcome(error=exc) is not CreateOutcome.ROLLED_BACK:
+                run.may_have_reached(changes)
+            raise
+
     async def _send_singly(self, changes: list[Change], run: FlushRun) -> None:
-        """Send changes one by one through the single endpoints."""
+        """Send changes one by one through the single endpoints.
+
+        The creates among them are recorded as about to be sent, in one commit, first.
+        """
+        if not changes:
+            return
+        await run.about_to_send(changes)
         server_failures: list[tuple[Change, EngageServerError]] = []
         for change in changes:
             try:
-                data = await self._calls.request(self._single_call(change), run, write=True)
+                data = await self._write(self._single_call(change), [change], run)
             except (RateLimited, EngageAuthError, EngageConfigurationError) as exc:
                 raise self._calls.outage_for(exc) from exc
             except EngageServerError as exc:
@@ -297,7 +322,9 @@ class Sender:
         guid = contact_id_in(data)
         if guid is None:
             # Created, but Engage did not say as whom: its lookup will tell.
-            await run.release([change], error="the create's answer held no contact id")
+            await run.release(
+                [change], error="the create's answer held no contact id", maybe_sent=True
+            )
             return
         await run.created(change, guid)
         run.count("created")
@@ -308,15 +335,29 @@ class Sender:
         if change.operation is Operation.CREATE:
             outcome = create_outcome(error=exc)
             if outcome is CreateOutcome.EXISTS:
-                found = await self._calls.lookup(change, run)
+                try:
+                    found = await self._calls.lookup(change, run)
+                except MultipleMatches as multiple:
+                    await run.bury({change.seq: multiple_matches(multiple)})
+                    return
                 if found is not None:
                     update = await self._existing(change, found, run)
                     if update is not None:
                         await self._send_singly([update], run)
                     return
+                if change.attempts + 1 < self.config.max_attempts:
+                    # Engage says it exists, its lookup does not see it yet: look again later.
+                    await run.release(
+                        [change],
+                        delay=background_delay(self.config.background_delays, change.attempts),
+                        count_attempt=True,
+                        error=str(exc),
+                        maybe_sent=True,
+                    )
+                    return
             if outcome is CreateOutcome.BEING_CREATED:
-                # Someone's create is in progress; the claim marked this one to be looked up.
-                await run.release([change], delay=self.config.background_delays[0])
+                # Someone's create is in progress: this one is looked up before it goes again.
+                await run.release([change], delay=self.config.background_delays[0], maybe_sent=True)
                 return
         if exc.status == 404 and not isinstance(exc, ContactNotFound):
             # The endpoint itself is missing: not this change's fault.
@@ -349,8 +390,11 @@ class Sender:
         """
         dead: dict[int, tuple[str | None, str]] = {}
         for change, exc in failures:
+            rolled_back = create_outcome(error=exc) is CreateOutcome.ROLLED_BACK
             if exc.status == 504:
-                await run.release([change], delay=self.config.background_delays[0])
+                await run.release(
+                    [change], delay=self.config.background_delays[0], maybe_sent=not rolled_back
+                )
                 continue
             if change.attempts + 1 >= self.config.max_attempts:
                 dead[change.seq] = (exc.error_code or f"HTTP{exc.status}", str(exc))
@@ -361,6 +405,7 @@ class Sender:
                     count_attempt=True,
                     error=str(exc),
                     send_alone=True,
+                    maybe_sent=True,
                 )
         await run.bury(dead)
 
@@ -417,8 +462,9 @@ class Sender:
                 _http.encode_json(items),
                 avoid_triggering_export=avoid_export,
             )
+        await run.about_to_send(chunk)
         try:
-            data = await self._calls.request(call, run, write=True)
+            data = await self._write(call, chunk, run)
         except Outage:
             self._single_next = True
             raise
@@ -445,7 +491,9 @@ class Sender:
         if batch_id is None:
             # Accepted, but with nothing to follow: the changes' fate is unknown, so each is
             # sent again on its own (creates are looked up first).
-            await run.release(chunk, send_alone=True, error="bulk answer held no batch id")
+            await run.release(
+                chunk, send_alone=True, error="bulk answer held no batch id", maybe_sent=True
+            )
             return
         seqs = [c.seq for c in chunk]
         await run.store.submit_batch(

@@ -530,7 +530,6 @@ class EngageSession:
         (looked up first when `must_look_up_first` says so) if Engage cannot say in time.
         """
         until = self._deadline(_NETWORK_SHARE)
-        key_was_free = False
         outcomes: list[CreateOutcome] = []
         call = _http.create_contact(
             self._root,
@@ -545,7 +544,6 @@ class EngageSession:
             existing = await self._lookup_key(create, until)
             if existing is not None:
                 return await self._existing(create, existing, until)
-            key_was_free = True
             for _ in range(self.config.retry_attempts):
                 error: EngageError | None = None
                 data: Any = None
@@ -587,7 +585,7 @@ class EngageSession:
                     found = await self._lookup_key(create, until)
                     if found is not None:
                         return await self._remember_created(create, found, existed=False)
-            lookup_first = must_look_up_first(key_was_free=key_was_free, outcomes=outcomes)
+            lookup_first = must_look_up_first(outcomes)
             return await self._queue_create(create, lookup_first=lookup_first, reason=_reason(exc))
 
     async def _pause(self, wait: float, until: float) -> None:

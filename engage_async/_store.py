@@ -134,6 +134,12 @@ class OutboxStore(Protocol):
         """`owner` is alive: its heartbeat moves on, and its leases with it."""
         ...
 
+    async def about_to_send(self, owner: str, seqs: Iterable[int]) -> None:
+        """`owner` is about to send these creates (one commit for the group): if it vanishes
+        with a request out, each is looked up before it is sent again.
+        """
+        ...
+
     async def release(
         self,
         owner: str,
@@ -143,8 +149,12 @@ class OutboxStore(Protocol):
         count_attempt: bool = False,
         error: str | None = None,
         send_alone: bool = False,
+        maybe_sent: bool = False,
     ) -> None:
-        """Give claimed rows back as pending, due again in `delay` seconds."""
+        """Give claimed rows back as pending, due again in `delay` seconds; `maybe_sent`: their
+        request may have reached Engage (a create marked about to be sent is then looked up
+        before it is sent again), else it provably never left.
+        """
         ...
 
     async def finish(self, seqs: Iterable[int]) -> None:
@@ -196,9 +206,16 @@ class OutboxStore(Protocol):
         ...
 
     async def settle_batch(
-        self, batch_id: str, status: Any, *, failed: Failures, resend: Iterable[int]
+        self,
+        batch_id: str,
+        status: Any,
+        *,
+        failed: Failures,
+        resend: Iterable[int],
+        created: Mapping[int, str] | None = None,
     ) -> tuple[int, int]:
-        """A batch finished: bury `failed`, send `resend` again alone, and of the rest,
+        """A batch finished: bury `failed`, send `resend` again alone (creates looked up
+        first), record the GUIDs the status told (`created`: seq -> GUID), and of the rest,
         creates wait for their GUID and updates are done; (rows applied, rows dead).
         """
         ...

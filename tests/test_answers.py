@@ -101,18 +101,18 @@ async def test_create_answered_without_a_verdict_is_queued_to_be_looked_up(
     )
 
 
-async def test_create_whose_lookup_is_redirected_is_queued_to_be_looked_up(
+async def test_create_whose_lookup_is_redirected_is_queued(
     fake: FakeEngage, session: ea.EngageSession, config: ea.EngageConfig
 ) -> None:
     """When even the lookup before the create is redirected, nothing is POSTed and the create
-    is queued, to be looked up first.
+    is queued; its POST never left, so it is not marked to be looked up first.
     """
     fake.inject("status", method="GET", status=302)
 
     delivery = await session.create_contact({"email": "anna@example.com"})
 
     assert (True, []) == (delivery.queued, fake.requests_to("POST", "/api/v3/contacts"))
-    assert [1] == [row["lookup_first"] for row in rows(config)]
+    assert [0] == [row["lookup_first"] for row in rows(config)]
 
 
 async def test_a_json_verdict_is_still_raised(

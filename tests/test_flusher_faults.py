@@ -19,8 +19,6 @@ from lxml import etree
 from test_flusher import (
     BULK,
     CONTACTS,
-    LOOKUP,
-    NOT_FOUND,
     assert_settled,
     attribute,
     by_change_id,
@@ -252,8 +250,9 @@ async def test_writes_failing_while_lookups_answer_is_an_outage_not_poison(
 async def test_a_409_on_a_single_create_means_the_contact_exists(
     fake: FakeEngage, tmp_path: Path
 ) -> None:
-    """Someone created the contact between the lookup and the POST: 409
-    ApprovedContactWithKeyExists finishes the create with the existing GUID, nothing dead.
+    """Someone created the contact while ours was queued (never sent, so not looked up
+    first): 409 ApprovedContactWithKeyExists finishes the create with the existing GUID,
+    found by one lookup, nothing dead.
     """
     config = flusher_config(fake, tmp_path)
     async with ea.EngageSession(config) as engage:
@@ -261,8 +260,6 @@ async def test_a_409_on_a_single_create_means_the_contact_exists(
         queued = await engage.create_contact({"email": "race@example.com", "firstName": "Us"})
         await fake.come_up()
         existing = fake.add_contact({"email": "race@example.com", "firstName": "Them"})
-        # The lookup before sending still misses it (the other create was not visible yet).
-        fake.inject("status", method="GET", path=LOOKUP, status=404, body=NOT_FOUND, times=1)
         async with ea.OutboxFlusher(config) as flusher:
             report = await flusher.flush_once()
         assert existing == await engage.resolve(queued.ref or "")
@@ -750,9 +747,9 @@ async def test_a_flusher_cancelled_mid_flush_gives_its_rows_back(
 async def test_a_create_reclaimed_after_its_flusher_died_is_looked_up_first(
     fake: FakeEngage, tmp_path: Path
 ) -> None:
-    """A create the session knew to be new (queued without "look up first") is marked by the
-    claim; if its flusher dies with the POST applied, the next flusher finds the contact by
-    key instead of creating it again.
+    """A create the session knew to be new (queued without "look up first") is recorded as
+    about to be sent just before its POST; if its flusher dies with the POST applied, the next
+    flusher finds the contact by key instead of creating it again.
     """
     config = flusher_config(fake, tmp_path, lease_seconds=0.2)
     # Engage answers the lookup (not found) but times out every create: queued as new.
@@ -766,10 +763,12 @@ async def test_a_create_reclaimed_after_its_flusher_died_is_looked_up_first(
     outbox = await Outbox.open(config.outbox_path)
     try:
         [claimed] = await outbox.claim("doomed:1", limit=10, lease_seconds=0.2)
+        assert 0 == by_change_id(config)[queued.change_id or ""]["sending"]
+        await outbox.about_to_send("doomed:1", [claimed.seq])
     finally:
         await outbox.close()
     assert not claimed.lookup_first
-    assert 1 == by_change_id(config)[queued.change_id or ""]["lookup_first"]
+    assert 1 == by_change_id(config)[queued.change_id or ""]["sending"]
     # The dead flusher's POST reached Engage before it died.
     guid = fake.add_contact({"email": "ghost@example.com", "firstName": "G"})
     posts = len(fake.requests_to("POST", CONTACTS))

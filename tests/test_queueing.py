@@ -253,10 +253,12 @@ async def test_update_of_unknown_contact_raises_not_found(
 # --- creates -------------------------------------------------------------------------------------
 
 
-async def test_create_queued_when_down_looks_up_first(
+async def test_create_queued_when_down_is_not_looked_up_first(
     down: FakeEngage, session: ea.EngageSession, config: ea.EngageConfig
 ) -> None:
-    """A create that could not even be looked up is queued with a ref and lookup_first."""
+    """A create that could not even be looked up is queued with a ref; its POST never left,
+    so it is not marked to be looked up first (a contact made elsewhere meets Engage's 409).
+    """
     delivery = await session.create_contact({"email": "new@example.com", "firstName": "New"})
 
     assert (True, None) == (delivery.queued, delivery.contact_id)
@@ -264,7 +266,7 @@ async def test_create_queued_when_down_looks_up_first(
     assert delivery.ref is not None
     row = row_of(config.outbox_path, delivery.change_id)
     assert row is not None
-    assert ("create", delivery.ref, f"ref:{delivery.ref}", "Member", "email", 1) == (
+    assert ("create", delivery.ref, f"ref:{delivery.ref}", "Member", "email", 0) == (
         row["operation"],
         row["ref"],
         row["contact_key"],

@@ -18,7 +18,9 @@ Each shape, its choices, default first:
 - ``batch_status``: ``status`` ``{"batchId", "status": "Pending"|"Finished", "totalCount",
   "successCount", "failedCount", "failures": [{"index", "contactId", "errorCode",
   "message"}], "createdOn", "finishedOn"}``; ``state`` ``{"state": "Processing"|"Completed",
-  "errors": [{"row", "code", "detail"}], "failedCount"}`` with rows counted from 1.
+  "errors": [{"row", "code", "detail"}], "failedCount"}`` with rows counted from 1; ``items``
+  today's shape plus ``"items": [{"index", "contactId", "status": "Done"|"Failed"}]`` once the
+  batch is processed, telling each created contact's id.
 - ``transactions_path`` (v3 only): ``query`` ``/contacts/transactions?contactId=``; ``path``
   ``/contacts/{id}/transactions``.
 - ``rate_limit_headers``: ``absent``; ``present`` ``X-RateLimit-Limit`` and
@@ -38,7 +40,7 @@ SHAPES: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
         "error_body": ("error_code", "code_detail", "error", "string"),
         "contact_id": ("string", "contactId", "id"),
         "batch_id": ("string", "batchId"),
-        "batch_status": ("status", "state"),
+        "batch_status": ("status", "state", "items"),
         "transactions_path": ("query", "path"),
         "rate_limit_headers": ("absent", "present"),
     }
@@ -90,6 +92,18 @@ def batch_id_body(batch_id: str, shape: str) -> Any:
 
 def batch_status_body(batch: Batch, shape: str) -> Any:
     """Return the body of `GET /contacts/bulk/status` in the given `batch_status` shape."""
+    if shape == "items":
+        body = batch.status_json()
+        failed = {failure["index"] for failure in batch.failures}
+        body["items"] = [
+            {
+                "index": index,
+                "contactId": contact_id,
+                "status": "Failed" if index in failed else "Done",
+            }
+            for index, contact_id in enumerate(batch.contact_ids)
+        ]
+        return body
     if shape != "state":
         return batch.status_json()
     return {
