@@ -3,6 +3,9 @@
 Configuration comes from the ``ENGAGE_*`` environment variables, with flags for the settings
 an operator changes per run. The API key is only ever read from ``ENGAGE_API_KEY``: a flag
 would show it in the process list.
+
+Data goes to stdout, messages and progress to stderr, never in colour. Every command exits
+with a status from one table, `Exit`, which ``--help`` shows; `_output` has the JSON shapes.
 """
 
 from __future__ import annotations
@@ -10,19 +13,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
+import enum
 import logging
 import os
 import signal
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import attrs
 
-from . import __version__
+from . import __version__, _output
+from ._clock import SYSTEM_CLOCK, Clock
 from ._config import EngageConfig
 from ._errors import ChangeNotFound, EngageAuthError, EngageConfigurationError, EngageError
 from ._flusher import OutboxFlusher
@@ -30,13 +36,55 @@ from ._models import FlushReport
 from ._xmlfiles import validate_file
 from .admin import OutboxAdmin, OutboxEntry
 
-__all__ = ["main"]
+__all__ = ["EXIT_MEANINGS", "Exit", "main"]
 
 _DEFAULT_OUTBOX = "engage-outbox.sqlite3"
+# Where the admin commands read the time; tests put a clock of their own here.
+_CLOCK: Clock = SYSTEM_CLOCK
+
+
+class Exit(enum.IntEnum):
+    """The exit status of every command: the one table, shown by ``--help`` and the README."""
+
+    OK = 0
+    FAILED = 1
+    # argparse's status for a usage error: a wrong setting is the same kind of mistake.
+    REFUSED = 2
+    NOT_FOUND = 3
+    INTERRUPTED = 130
+
+
+EXIT_MEANINGS: Final = {
+    Exit.OK: "done (flush --once: it ran to the end; its counts say what still waits or died)",
+    Exit.FAILED: "done, but something is wrong: an assumption differs (doctor), a file is "
+    "invalid (validate-xml), rows could not be read (salvage), the story went wrong "
+    "(demo); or an unexpected error, with a traceback",
+    Exit.REFUSED: "not done: a usage error, a bad argument or ENGAGE_* setting, no usable "
+    "outbox, Engage refused the API key or reports its tenant misconfigured, Engage "
+    "cannot be reached (doctor), or the change's state does not allow the action",
+    Exit.NOT_FOUND: "no change with that id (outbox show, requeue, discard)",
+    Exit.INTERRUPTED: "interrupted by Ctrl-C (flush and simulate stop cleanly and exit 0)",
+}
+
+
+def _exit_help() -> str:
+    lines = ["exit status (the same for every command):"]
+    for code, meaning in EXIT_MEANINGS.items():
+        lines += textwrap.wrap(
+            meaning, width=78, initial_indent=f"  {code:<5}", subsequent_indent=" " * 7
+        )
+    return "\n".join(lines)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose help ends with the exit-status table, its commands' too."""
+
+    def format_help(self) -> str:
+        return f"{super().format_help()}\n{_exit_help()}\n"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="engage-async",
         description="Voyado Engage client tools: demo, outbox flusher, outbox admin, simulator.",
     )
@@ -72,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
         "--no-progress", action="store_true", help="with --once: no progress display"
     )
 
-    outbox_file = argparse.ArgumentParser(add_help=False)
+    outbox_file = _Parser(add_help=False)
     outbox_file.add_argument(
         "--outbox",
         # SUPPRESS: given after the action it must not reset one given before it.
@@ -82,20 +130,43 @@ def _parser() -> argparse.ArgumentParser:
     outbox = commands.add_parser(
         "outbox", help="inspect and manage the outbox", parents=[outbox_file]
     )
+    # What the read commands share: JSON for scripts, times for people, unmasking on request.
+    json_output = _Parser(add_help=False)
+    json_output.add_argument(
+        "--json", action="store_true", help="print JSON (documented shape, schema 1)"
+    )
+    json_output.add_argument(
+        "--utc", action="store_true", help="times in UTC instead of '3 min ago'"
+    )
+    reveal = _Parser(add_help=False)
+    reveal.add_argument("--reveal", action="store_true", help="show personal data unmasked")
     admin = outbox.add_subparsers(dest="action", required=True, metavar="ACTION")
     admin.add_parser(
-        "stats", help="counts per state, oldest waiting change, pause", parents=[outbox_file]
+        "stats",
+        help="counts per state, oldest waiting change, pause",
+        description="Count the changes in each state and say how the flushers stand. "
+        "--json prints one object.",
+        parents=[outbox_file, json_output],
     )
     listing = admin.add_parser(
-        "list", help="list changes (personal data masked)", parents=[outbox_file]
+        "list",
+        help="list changes (personal data masked)",
+        description="List changes, oldest first, as a table with personal data masked; "
+        "errors are cut to the terminal's width. --json prints one object a line (JSON "
+        "Lines), uncut.",
+        parents=[outbox_file, json_output, reveal],
     )
     listing.add_argument("--state", choices=("pending", "inflight", "waiting_guid", "done", "dead"))
     listing.add_argument("--limit", type=int, default=100)
     listing.add_argument("--key", help="only this contact: a GUID, a ref or a key value")
-    listing.add_argument("--reveal", action="store_true", help="show personal data")
-    show = admin.add_parser("show", help="show one change with its body", parents=[outbox_file])
+    show = admin.add_parser(
+        "show",
+        help="show one change with its body",
+        description="Show one change with its body, personal data masked. --json prints "
+        "one object.",
+        parents=[outbox_file, json_output, reveal],
+    )
     show.add_argument("change_id")
-    show.add_argument("--reveal", action="store_true", help="show personal data")
     requeue = admin.add_parser(
         "requeue", help="send a dead change again (or --all dead ones)", parents=[outbox_file]
     )
@@ -194,27 +265,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(commands[args.command](args))
     except KeyboardInterrupt:
-        return 130
+        return Exit.INTERRUPTED
     except BrokenPipeError:
         # The reader went away (`| head`): not an error; keep Python from complaining at exit.
         sys.stdout = open(os.devnull, "w")  # noqa: PTH123, SIM115
-        return 0
+        return Exit.OK
     except ChangeNotFound as exc:
         print(f"engage-async: {exc}", file=sys.stderr)
-        return 1
+        return Exit.NOT_FOUND
     except EngageAuthError as exc:
         print(f"engage-async: {exc}; check ENGAGE_API_KEY", file=sys.stderr)
-        return 2
+        return Exit.REFUSED
     except EngageConfigurationError as exc:
         print(
             f"engage-async: {exc}; Engage reports the tenant's configuration as invalid "
             "(InvalidSystemConfiguration): ask Voyado to check it; the queued changes wait",
             file=sys.stderr,
         )
-        return 2
+        return Exit.REFUSED
     except (EngageError, ValueError, OSError) as exc:
         print(f"engage-async: {exc}", file=sys.stderr)
-        return 2
+        return Exit.REFUSED
 
 
 # --- flush -----------------------------------------------------------------------------------
@@ -283,58 +354,61 @@ def _outbox_path(args: argparse.Namespace) -> Path:
     return Path(given or os.environ.get("ENGAGE_OUTBOX") or _DEFAULT_OUTBOX)
 
 
-def _entry_line(entry: OutboxEntry) -> str:
-    # The last error matters while a change waits or is dead; once done it is history.
-    error = ""
-    if entry.last_error and entry.state in {"pending", "dead"}:
-        code = f"[{entry.error_code}] " if entry.error_code else ""
-        error = f"  {code}{entry.last_error}"
-    return (
-        f"{entry.change_id}  {entry.state:<12} {entry.operation:<12} {entry.contact_key}  "
-        f"{entry.key or ''}  attempts={entry.attempts}  {entry.created_at:%Y-%m-%d %H:%M:%S}Z"
-        f"{error}"
-    )
+def _now() -> datetime:
+    return datetime.fromtimestamp(_CLOCK.wall(), UTC)
 
 
 async def _outbox(args: argparse.Namespace) -> int:
     if args.action == "validate-xml":
         return _validate_xml(args.paths)
+    path = _outbox_path(args)
     if args.action == "salvage":
         # Not inside `async with`: a damaged outbox cannot be opened, only read for salvage.
-        return await _salvage(OutboxAdmin(_outbox_path(args)), args.new_path)
-    async with OutboxAdmin(_outbox_path(args)) as admin:
+        return await _salvage(OutboxAdmin(path, clock=_CLOCK), args.new_path)
+    async with OutboxAdmin(path, clock=_CLOCK) as admin:
         if args.action == "stats":
             stats = await admin.stats()
-            for state, count in stats.by_state.items():
-                print(f"{state:<13} {count}")
-            age = stats.oldest_pending_age
-            print(f"oldest waiting: {'-' if age is None else f'{age:.0f} s'}")
-            print(f"batches in flight: {stats.batches_in_flight}")
-            if stats.waiting_for_api:
-                print(f"waiting for the API (options XML cannot carry): {stats.waiting_for_api}")
-            if stats.paused_until is not None:
-                print(f"paused until {stats.paused_until:%Y-%m-%d %H:%M:%S}Z: {stats.pause_reason}")
+            if args.json:
+                print(_output.document(_output.stats_json(stats, path)))
+            else:
+                print(_output.stats_text(stats, now=_now(), in_utc=args.utc))
         elif args.action == "list":
-            for entry in await admin.list(args.state, args.limit, args.key, reveal=args.reveal):
-                print(_entry_line(entry))
+            entries = await admin.list(args.state, args.limit, args.key, reveal=args.reveal)
+            if args.json:
+                for entry in entries:
+                    print(_output.json_line(_output.entry_json(entry)))
+            elif entries:
+                lines = _output.entries_table(
+                    entries, now=_now(), in_utc=args.utc, width=_output.terminal_width()
+                )
+                print("\n".join(lines))
+            else:
+                print("engage-async: no changes", file=sys.stderr)
         elif args.action == "show":
             entry = await admin.show(args.change_id, reveal=args.reveal)
-            record = attrs.asdict(entry)
-            record["created_at"] = entry.created_at.isoformat()
-            print(json.dumps(record, indent=2, ensure_ascii=False))
+            if args.json:
+                print(_output.document(_output.entry_json(entry, body=True)))
+            else:
+                print(_output.entry_text(entry, now=_now(), in_utc=args.utc))
         elif args.action == "requeue":
             if args.all == bool(args.change_id):
                 print("engage-async: give a change id, or --all", file=sys.stderr)
-                return 2
+                return Exit.REFUSED
             if args.all:
                 print(f"requeued {await admin.requeue_dead()} dead change(s)")
             else:
-                print(_entry_line(await admin.requeue(args.change_id)))
+                _print_entry(await admin.requeue(args.change_id))
         elif args.action == "discard":
-            print(_entry_line(await admin.discard(args.change_id, args.reason)))
+            _print_entry(await admin.discard(args.change_id, args.reason))
         elif args.action == "export":
             print(f"exported {await admin.export(args.path)} change(s) to {args.path}")
-    return 0
+    return Exit.OK
+
+
+def _print_entry(entry: OutboxEntry) -> None:
+    """A changed row, as `outbox list` would show it."""
+    lines = _output.entries_table([entry], now=_now(), width=_output.terminal_width())
+    print("\n".join(lines))
 
 
 async def _salvage(admin: OutboxAdmin, new_path: str) -> int:
@@ -345,7 +419,7 @@ async def _salvage(admin: OutboxAdmin, new_path: str) -> int:
         print(f"could not read: {problem}")
     for change_id in report.lost_change_ids:
         print(f"lost: {change_id}")
-    return 0 if report.complete else 1
+    return Exit.OK if report.complete else Exit.FAILED
 
 
 def _validate_xml(paths: Sequence[str]) -> int:
@@ -356,7 +430,7 @@ def _validate_xml(paths: Sequence[str]) -> int:
         for problem in problems:
             print(f"  {problem}")
         failed = failed or bool(problems)
-    return 1 if failed else 0
+    return Exit.FAILED if failed else Exit.OK
 
 
 # --- doctor ------------------------------------------------------------------------------------
@@ -383,10 +457,11 @@ async def _doctor(args: argparse.Namespace) -> int:
         timeout=args.timeout,
     )
     if args.json:
-        print(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
+        print(_output.document(report.to_json()))
     else:
         print(render_table(report))
-    return report.exit_code
+    # The doctor's own 0/1/2 (hold, differ, unreachable or refused) are the table's.
+    return Exit(report.exit_code)
 
 
 # --- simulator ---------------------------------------------------------------------------------

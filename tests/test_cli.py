@@ -27,9 +27,10 @@ import pytest
 from helpers import USER_AGENT, FakeClock, make_config
 
 import engage_async as ea
+from engage_async import cli as cli_module
 from engage_async._outbox import SqliteOutbox
 from engage_async._xmlfiles import build_contact, write_file
-from engage_async.cli import main
+from engage_async.cli import Exit, main
 from engage_async.testing import FakeEngage
 
 SCRIPT = Path(sys.executable).with_name("engage-async")
@@ -87,6 +88,22 @@ def engage_environment(
     monkeypatch.setenv("ENGAGE_RATE_LIMIT", "1000")
 
 
+def rows_of(stdout: str) -> list[list[str]]:
+    """The rows of a table printed by `outbox list`, split into words, after its header."""
+    lines = stdout.splitlines()
+    assert lines[0].split() == [*HEADER]
+    return [line.split() for line in lines[1:]]
+
+
+HEADER = ("CHANGE_ID", "STATE", "OPERATION", "CONTACT", "KEY", "TRIES", "CREATED", "ERROR")
+
+
+@pytest.fixture(autouse=True)
+def _no_terminal_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests see the output a pipe gets (no cutting) unless they set COLUMNS themselves."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+
+
 def free_port() -> int:
     """A TCP port on loopback nobody listens on right now."""
     with socket.socket() as probe:
@@ -113,16 +130,33 @@ def free_port() -> int:
         ["outbox", "discard"],
         ["outbox", "export"],
         ["outbox", "validate-xml"],
+        ["outbox", "salvage"],
+        ["doctor"],
     ],
     ids=lambda command: " ".join(command) or "top",
 )
 def test_help_exits_zero(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    """Every command answers --help with its usage and exit status 0."""
+    """Every command answers --help with its usage and exit status 0, ending with the one
+    exit-status table.
+    """
     with pytest.raises(SystemExit) as info:
         main([*command, "--help"])
 
+    out = capsys.readouterr().out
     assert 0 == info.value.code
-    assert capsys.readouterr().out.startswith("usage: engage-async")
+    assert out.startswith("usage: engage-async")
+    table = out[out.index("exit status (the same for every command):") :]
+    assert [int(code) for code in Exit] == [
+        int(line.split()[0]) for line in table.splitlines()[1:] if line[:3].strip().isdigit()
+    ]
+
+
+def test_the_exit_table() -> None:
+    """The documented exit statuses: scripts rely on these numbers."""
+    assert {"OK": 0, "FAILED": 1, "REFUSED": 2, "NOT_FOUND": 3, "INTERRUPTED": 130} == {
+        code.name: int(code) for code in Exit
+    }
+    assert set(Exit) == set(cli_module.EXIT_MEANINGS)
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -240,7 +274,7 @@ async def test_outbox_stats(rows: Rows, capsys: pytest.CaptureFixture[str]) -> N
     assert {"pending": 1, "inflight": 0, "waiting_guid": 0, "done": 1, "dead": 2} == (
         state_counts(out)
     )
-    assert re.search(r"^oldest waiting: \d+ s$", out, re.MULTILINE)
+    assert re.search(r"^oldest waiting: \d+ (s|min)$", out, re.MULTILINE)
     assert "batches in flight: 0" in out.splitlines()
     assert "paused" not in out
 
@@ -259,7 +293,7 @@ async def test_outbox_stats_reads_engage_outbox(
 
 
 async def test_outbox_stats_shows_a_pause(rows: Rows, capsys: pytest.CaptureFixture[str]) -> None:
-    """A flushers' pause in force is printed with its end (UTC) and reason."""
+    """A flushers' pause in force is printed with its end (UTC, with --utc) and reason."""
     clock = FakeClock(wall=time.time())
     until = clock.wall() + 3600
     outbox = await SqliteOutbox.open(rows.path, clock=clock)
@@ -268,7 +302,7 @@ async def test_outbox_stats_shows_a_pause(rows: Rows, capsys: pytest.CaptureFixt
     finally:
         await outbox.close()
 
-    code = await cli("outbox", "--outbox", rows.path, "stats")
+    code = await cli("outbox", "--outbox", rows.path, "stats", "--utc")
 
     expected = f"paused until {datetime.fromtimestamp(until, UTC):%Y-%m-%d %H:%M:%S}Z"
     assert 0 == code
@@ -293,16 +327,16 @@ async def test_outbox_stats_without_an_outbox(
 async def test_outbox_list_masks_personal_data(
     rows: Rows, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`outbox list` prints one line per change, oldest first, with personal data masked."""
+    """`outbox list` prints a header row and one row per change, oldest first, with personal
+    data masked.
+    """
     code = await cli("outbox", "--outbox", rows.path, "list")
 
     out = capsys.readouterr().out
-    lines = out.splitlines()
+    table = rows_of(out)
     assert 0 == code
-    assert [rows.queued, rows.dead, rows.dependent, rows.done] == [
-        line.split()[0] for line in lines
-    ]
-    assert "email=" in lines[0]
+    assert [rows.queued, rows.dead, rows.dependent, rows.done] == [row[0] for row in table]
+    assert table[0][4].startswith("email=")
     for name, value in PERSON.items():
         assert value not in out, name
     assert "dora@example.com" not in out
@@ -322,22 +356,22 @@ async def test_outbox_list_dead_shows_why(rows: Rows, capsys: pytest.CaptureFixt
     """`outbox list --state dead` lists the dead changes with their error code and reason."""
     code = await cli("outbox", "--outbox", rows.path, "list", "--state", "dead")
 
-    lines = capsys.readouterr().out.splitlines()
+    lines = capsys.readouterr().out.splitlines()[1:]
     assert 0 == code
     assert [rows.dead, rows.dependent] == [line.split()[0] for line in lines]
-    assert "[ValidationError] 422 ValidationError: email" in lines[0]
+    assert lines[0].endswith("[ValidationError] 422 ValidationError: email")
     assert "[CreateDead]" in lines[1]
 
 
 async def test_outbox_list_by_key_and_limit(rows: Rows, capsys: pytest.CaptureFixture[str]) -> None:
     """`outbox list --key REF` lists that contact only; --limit caps the lines."""
     assert 0 == await cli("outbox", "--outbox", rows.path, "list", "--key", rows.ref)
-    by_key = capsys.readouterr().out.splitlines()
+    by_key = rows_of(capsys.readouterr().out)
     assert 0 == await cli("outbox", "--outbox", rows.path, "list", "--limit", "2")
-    limited = capsys.readouterr().out.splitlines()
+    limited = rows_of(capsys.readouterr().out)
 
-    assert [rows.queued] == [line.split()[0] for line in by_key]
-    assert [rows.queued, rows.dead] == [line.split()[0] for line in limited]
+    assert [rows.queued] == [row[0] for row in by_key]
+    assert [rows.queued, rows.dead] == [row[0] for row in limited]
 
 
 async def test_outbox_list_refuses_a_bad_limit(
@@ -353,8 +387,10 @@ async def test_outbox_list_refuses_a_bad_limit(
 async def test_outbox_show_masks_personal_data(
     rows: Rows, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`outbox show ID` prints the change as JSON, body included, with personal data masked."""
-    code = await cli("outbox", "--outbox", rows.path, "show", rows.queued)
+    """`outbox show ID --json` prints the change as JSON, body included, with personal data
+    masked.
+    """
+    code = await cli("outbox", "--outbox", rows.path, "show", rows.queued, "--json")
 
     out = capsys.readouterr().out
     record = json.loads(out)
@@ -367,8 +403,8 @@ async def test_outbox_show_masks_personal_data(
 
 
 async def test_outbox_show_reveal(rows: Rows, capsys: pytest.CaptureFixture[str]) -> None:
-    """`outbox show ID --reveal` prints the personal data in plain."""
-    code = await cli("outbox", "--outbox", rows.path, "show", rows.queued, "--reveal")
+    """`outbox show ID --json --reveal` prints the personal data in plain."""
+    code = await cli("outbox", "--outbox", rows.path, "show", rows.queued, "--json", "--reveal")
 
     record = json.loads(capsys.readouterr().out)
     assert 0 == code
@@ -377,11 +413,13 @@ async def test_outbox_show_reveal(rows: Rows, capsys: pytest.CaptureFixture[str]
 
 
 async def test_outbox_show_unknown_change(rows: Rows, capsys: pytest.CaptureFixture[str]) -> None:
-    """`outbox show` of an unknown id exits non-zero with a message, printing nothing else."""
+    """`outbox show` of an unknown id exits 3 (not found) with a message, printing nothing
+    else.
+    """
     code = await cli("outbox", "--outbox", rows.path, "show", UNKNOWN)
 
     captured = capsys.readouterr()
-    assert 0 != code
+    assert Exit.NOT_FOUND == code
     assert UNKNOWN in captured.err
     assert "" == captured.out
 
@@ -390,10 +428,9 @@ async def test_outbox_requeue_one(rows: Rows, capsys: pytest.CaptureFixture[str]
     """`outbox requeue ID` makes that dead change pending again (with what died with it)."""
     code = await cli("outbox", "--outbox", rows.path, "requeue", rows.dead)
 
-    out = capsys.readouterr().out
+    (row,) = rows_of(capsys.readouterr().out)
     assert 0 == code
-    assert rows.dead == out.split()[0]
-    assert "pending" == out.split()[1]
+    assert [rows.dead, "pending"] == row[:2]
     assert {"pending": 3, "inflight": 0, "waiting_guid": 0, "done": 1, "dead": 0} == (
         await stats_of(rows.path)
     )
@@ -439,9 +476,9 @@ async def test_outbox_discard(rows: Rows, capsys: pytest.CaptureFixture[str]) ->
     )
 
     out = capsys.readouterr().out
+    (row,) = rows_of(out)
     assert 0 == code
-    assert rows.queued == out.split()[0]
-    assert "dead" == out.split()[1]
+    assert [rows.queued, "dead"] == row[:2]
     assert "[Discarded] discarded: duplicate signup" in out
     assert PERSON["email"] not in out
     assert 3 == (await stats_of(rows.path))["dead"]
@@ -513,6 +550,313 @@ def test_outbox_validate_xml_needs_no_outbox(
     assert 0 == main(["outbox", "validate-xml", str(valid)])
     assert [valid.name] == [p.name for p in tmp_path.iterdir()]
     capsys.readouterr()
+
+
+# --- JSON for scripts, tables and times for people -----------------------------------------
+
+STATS_KEYS = {
+    "schema": int,
+    "outbox": str,
+    "by_state": dict,
+    "oldest_pending_age_s": float,
+    "paused_until": type(None),
+    "pause_reason": type(None),
+    "batches_in_flight": int,
+    "waiting_for_api": int,
+}
+ENTRY_KEYS = (
+    "schema",
+    "change_id",
+    "operation",
+    "state",
+    "contact_key",
+    "contact_type",
+    "attempts",
+    "last_error",
+    "created_at",
+    "contact_id",
+    "ref",
+    "error_code",
+    "key",
+    "exported_to",
+    "batch_id",
+)
+RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+async def created_at(path: Path, change_id: str) -> datetime:
+    """When the outbox accepted `change_id`."""
+    return (await ea.OutboxAdmin(path).show(change_id)).created_at
+
+
+async def test_outbox_stats_json(rows: Rows, capsys: pytest.CaptureFixture[str]) -> None:
+    """`outbox stats --json` prints one object of the documented keys and types (schema 1),
+    with the counts of every state and the outbox's absolute path.
+    """
+    code = await cli("outbox", "--outbox", rows.path, "stats", "--json")
+
+    record = json.loads(capsys.readouterr().out)
+    assert 0 == code
+    assert list(STATS_KEYS) == list(record)
+    for key, kind in STATS_KEYS.items():
+        assert isinstance(record[key], kind), key
+    assert 1 == record["schema"]
+    assert str(rows.path.resolve()) == record["outbox"]
+    assert {"pending": 1, "inflight": 0, "waiting_guid": 0, "done": 1, "dead": 2} == (
+        record["by_state"]
+    )
+    assert record["oldest_pending_age_s"] >= 0
+
+
+async def test_outbox_stats_json_with_a_pause(
+    rows: Rows, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pause in force is in the JSON as its end (RFC 3339, UTC) and its reason."""
+    clock = FakeClock(wall=time.time())
+    until = datetime.fromtimestamp(clock.wall() + 3600, UTC)
+    outbox = await SqliteOutbox.open(rows.path, clock=clock)
+    try:
+        await outbox.set_pause(delay=3600, reason="EngageUnavailable: outage", outages=3)
+    finally:
+        await outbox.close()
+
+    code = await cli("outbox", "--outbox", rows.path, "stats", "--json")
+
+    record = json.loads(capsys.readouterr().out)
+    assert 0 == code
+    assert RFC3339_UTC.fullmatch(record["paused_until"])
+    expected = until.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    assert expected == record["paused_until"]
+    assert "EngageUnavailable: outage" == record["pause_reason"]
+
+
+async def test_outbox_stats_relative_pause(
+    rows: Rows, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --utc the pause reads as the time it has left, from the command's clock."""
+    clock = FakeClock(wall=time.time())
+    outbox = await SqliteOutbox.open(rows.path, clock=clock)
+    try:
+        await outbox.set_pause(delay=3600, reason="EngageUnavailable: outage", outages=3)
+    finally:
+        await outbox.close()
+    clock.advance(50 * 60 + 30)
+    monkeypatch.setattr(cli_module, "_CLOCK", clock)
+
+    code = await cli("outbox", "--outbox", rows.path, "stats")
+
+    assert 0 == code
+    assert "paused for 9 min more: EngageUnavailable: outage" in (
+        capsys.readouterr().out.splitlines()
+    )
+
+
+async def test_outbox_list_json_lines(rows: Rows, capsys: pytest.CaptureFixture[str]) -> None:
+    """`outbox list --json` prints JSON Lines: one object per change, oldest first, with the
+    documented keys, RFC 3339 times and personal data masked.
+    """
+    code = await cli("outbox", "--outbox", rows.path, "list", "--json")
+
+    out = capsys.readouterr().out
+    records = [json.loads(line) for line in out.splitlines()]
+    assert 0 == code
+    assert [rows.queued, rows.dead, rows.dependent, rows.done] == [r["change_id"] for r in records]
+    assert [list(ENTRY_KEYS)] * 4 == [list(r) for r in records]
+    assert all(RFC3339_UTC.fullmatch(r["created_at"]) for r in records)
+    assert ["create", "create", "contact_type", "create"] == [r["operation"] for r in records]
+    assert ("ValidationError", "422 ValidationError: email") == (
+        records[1]["error_code"],
+        records[1]["last_error"],
+    )
+    assert records[0]["key"].startswith("email=")
+    assert rows.ref == records[0]["ref"]
+    for name, value in PERSON.items():
+        assert value not in out, name
+    assert "dora@example.com" not in out
+
+
+async def test_outbox_list_json_reveal(rows: Rows, capsys: pytest.CaptureFixture[str]) -> None:
+    """`outbox list --json --reveal` carries the key values in plain."""
+    code = await cli("outbox", "--outbox", rows.path, "list", "--json", "--reveal")
+
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert 0 == code
+    assert f"email={PERSON['email']}" == records[0]["key"]
+    assert "email=dora@example.com" == records[1]["key"]
+
+
+async def test_outbox_list_of_nothing(rows: Rows, capsys: pytest.CaptureFixture[str]) -> None:
+    """No change to list: nothing on stdout (no header, no JSON line), a word on stderr for a
+    person, and exit 0.
+    """
+    assert 0 == await cli("outbox", "--outbox", rows.path, "list", "--state", "inflight")
+    people = capsys.readouterr()
+    assert 0 == await cli("outbox", "--outbox", rows.path, "list", "--state", "inflight", "--json")
+    scripts = capsys.readouterr()
+
+    assert ("", "engage-async: no changes\n") == (people.out, people.err)
+    assert ("", "") == (scripts.out, scripts.err)
+
+
+async def test_outbox_show_json_shape(rows: Rows, capsys: pytest.CaptureFixture[str]) -> None:
+    """`outbox show --json` is one object: the list keys plus the body."""
+    code = await cli("outbox", "--outbox", rows.path, "show", rows.dependent, "--json")
+
+    record = json.loads(capsys.readouterr().out)
+    assert 0 == code
+    assert [*ENTRY_KEYS, "body"] == list(record)
+    assert ("contact_type", "dead", "CreateDead") == (
+        record["operation"],
+        record["state"],
+        record["error_code"],
+    )
+
+
+async def test_outbox_show_for_people(rows: Rows, capsys: pytest.CaptureFixture[str]) -> None:
+    """`outbox show ID` prints one field a line and the body, personal data masked."""
+    code = await cli("outbox", "--outbox", rows.path, "show", rows.queued)
+
+    out = capsys.readouterr().out
+    fields = dict(line.split(maxsplit=1) for line in out.split("body:")[0].splitlines())
+    assert 0 == code
+    assert (rows.queued, "pending", "create", rows.ref) == (
+        fields["change_id"],
+        fields["state"],
+        fields["operation"],
+        fields["ref"],
+    )
+    assert set(PERSON) <= set(json.loads(out.split("body:")[1]))
+    for name, value in PERSON.items():
+        assert value not in out, name
+
+
+async def test_outbox_list_aligns_columns_under_the_header(
+    rows: Rows, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every column of `outbox list` starts where its header does, on every row."""
+    code = await cli("outbox", "--outbox", rows.path, "list")
+
+    header, *lines = capsys.readouterr().out.splitlines()
+    starts = [header.index(name) for name in HEADER[:-1]]
+    assert 0 == code
+    for line in lines:
+        assert all(line[start - 2 : start] == "  " for start in starts[1:]), line
+        assert all(line[start] != " " for start in starts), line
+
+
+async def test_outbox_list_cuts_errors_to_the_terminal_width(
+    rows: Rows, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With COLUMNS set (a terminal), a long error is cut with "..." so its line fits; the
+    JSON keeps it whole.
+    """
+    full = "[ValidationError] 422 ValidationError: email"
+    assert 0 == await cli("outbox", "--outbox", rows.path, "list", "--state", "dead")
+    lead = capsys.readouterr().out.splitlines()[0].index("ERROR")
+    width = lead + 30
+    monkeypatch.setenv("COLUMNS", str(width))
+
+    code = await cli("outbox", "--outbox", rows.path, "list", "--state", "dead")
+    lines = capsys.readouterr().out.splitlines()
+    assert 0 == await cli("outbox", "--outbox", rows.path, "list", "--state", "dead", "--json")
+    first = json.loads(capsys.readouterr().out.splitlines()[0])
+
+    assert 0 == code
+    assert [True] * 3 == [len(line) <= width for line in lines]
+    assert width == len(lines[1])
+    assert lines[1].endswith(full[:27] + "...")
+    assert full == f"[{first['error_code']}] {first['last_error']}"
+
+
+async def test_outbox_list_times_relative_or_utc(
+    rows: Rows, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """CREATED reads "3 min ago" from the command's clock, or the UTC time with --utc."""
+    created = await created_at(rows.path, rows.queued)
+    monkeypatch.setattr(cli_module, "_CLOCK", FakeClock(wall=created.timestamp() + 185))
+
+    assert 0 == await cli("outbox", "--outbox", rows.path, "list", "--limit", "1")
+    header, relative = capsys.readouterr().out.splitlines()
+    assert 0 == await cli("outbox", "--outbox", rows.path, "list", "--limit", "1", "--utc")
+    utc_header, in_utc = capsys.readouterr().out.splitlines()
+
+    column = slice(header.index("CREATED"), header.index("ERROR"))
+    utc_column = slice(utc_header.index("CREATED"), utc_header.index("ERROR"))
+    assert "3 min ago" == relative[column].strip()
+    assert f"{created:%Y-%m-%d %H:%M:%S}Z" == in_utc[utc_column].strip()
+
+
+# --- exit statuses -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        (["stats"], Exit.OK),
+        (["list", "--limit", "0"], Exit.REFUSED),
+        (["show", UNKNOWN], Exit.NOT_FOUND),
+        (["show", "anna@example.com"], Exit.REFUSED),
+        (["requeue", UNKNOWN], Exit.NOT_FOUND),
+        (["discard", UNKNOWN, "--reason", "gone"], Exit.NOT_FOUND),
+        (["requeue", "DONE"], Exit.REFUSED),
+        (["discard", "DONE", "--reason", "too late"], Exit.REFUSED),
+        (["requeue"], Exit.REFUSED),
+        (["export", "OUTBOX"], Exit.REFUSED),
+    ],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else value.name,
+)
+async def test_outbox_exit_statuses(
+    rows: Rows, arguments: list[str], expected: Exit, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each outbox action exits with the table's status for its situation; anything but 0
+    says why on stderr and prints nothing on stdout.
+    """
+    given = [
+        {"DONE": rows.done, "OUTBOX": str(rows.path)}.get(argument, argument)
+        for argument in arguments
+    ]
+
+    code = await cli("outbox", "--outbox", rows.path, *given)
+
+    captured = capsys.readouterr()
+    assert expected == code
+    if expected != Exit.OK:
+        assert ("", True) == (captured.out, captured.err.startswith("engage-async: "))
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["outbox", "list", "--state", "lost"],
+        ["outbox", "show"],
+        ["outbox", "shred"],
+        ["flush", "--fallback-mode", "soap"],
+        ["simulate", "--port", "eighty"],
+        ["doctor", "--api-version", "4"],
+        ["demo", "--loud"],
+    ],
+    ids=" ".join,
+)
+def test_usage_errors_exit_2(arguments: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """A usage error in any command exits 2 (argparse's status, the table's REFUSED) with
+    the usage on stderr.
+    """
+    with pytest.raises(SystemExit) as info:
+        main(arguments)
+
+    assert Exit.REFUSED == info.value.code
+    assert "usage: engage-async" in capsys.readouterr().err
+
+
+def test_ctrl_c_exits_130(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command interrupted by Ctrl-C (KeyboardInterrupt) exits 130, without a traceback."""
+
+    async def interrupted(_: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "_demo", interrupted)
+
+    assert Exit.INTERRUPTED == main(["demo"])
 
 
 # --- flush -----------------------------------------------------------------------------------
@@ -643,8 +987,8 @@ async def test_flush_once_with_a_refused_api_key_fails(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """A key Engage refuses (401) is a configuration problem: `flush --once` exits non-zero
-    and says so on stderr, instead of reporting a normal run with everything still pending.
+    """A key Engage refuses (401) is a configuration problem: `flush --once` exits 2 and
+    says so on stderr, instead of reporting a normal run with everything still pending.
     """
     config = make_config(secret_fake.url, SECRET, tmp_path)
     await queue_two_creates(secret_fake, config)
@@ -653,7 +997,7 @@ async def test_flush_once_with_a_refused_api_key_fails(
     code = await cli("flush", "--once", "--no-progress")
 
     captured = capsys.readouterr()
-    assert 0 != code
+    assert Exit.REFUSED == code
     assert "401" in captured.err
     assert WRONG_SECRET not in captured.out + captured.err
 
