@@ -2,8 +2,10 @@
 
 Background work follows Engage's retry policy through the shared pause rather than retrying
 in place: a call that gets no usable answer, or one that says "not now", raises `Outage`,
-and every flusher on the outbox holds off. An answer that is about the change itself (a
-400, a 422, a conflict) is raised as Engage's error for the caller to settle the change.
+and every flusher on the outbox holds off. The exception is a 429, which Engage answers
+before doing anything: it is tried again a few times at the slower pace it set. An answer
+that is about the change itself (a 400, a 422, a conflict) is raised as Engage's error for
+the caller to settle the change.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 from . import _http
 from ._changes import Change
+from ._clock import Clock
 from ._config import EngageConfig
 from ._errors import (
     ContactNotFound,
@@ -27,10 +30,17 @@ from ._errors import (
 )
 from ._flush_run import FlushRun, Stopped
 from ._keys import lookup_parameter
+from ._retry import jittered_delays
 from ._transport import Transport
 from ._wire import contact_id_from_engage
 
 __all__ = ["BackgroundCalls", "Outage", "multiple_matches"]
+
+# Tries of a call Engage answers 429: each goes at the pace the 429 lowered.
+_THROTTLED_TRIES = 4
+# The backoff between them when Engage gives no Retry-After (full jitter, doubling).
+_THROTTLED_FIRST_WAIT = 0.5
+_THROTTLED_LONGEST_WAIT = 4.0
 
 
 class Outage(Exception):
@@ -57,26 +67,65 @@ class Outage(Exception):
 class BackgroundCalls:
     """Sends the flusher's calls and tells an outage from an answer about the change."""
 
-    def __init__(self, config: EngageConfig, transport: Transport) -> None:
+    def __init__(self, config: EngageConfig, transport: Transport, clock: Clock) -> None:
         self.config = config
+        self._clock = clock
         self.root = config.api_root
         self._transport = transport
 
     async def request(self, call: _http.Call, run: FlushRun, *, write: bool = False) -> Any:
-        """One call: a single attempt with the long timeout.
+        """One call, with the long timeout. A 429 (which Engage answers before doing
+        anything) is sent again, up to `_THROTTLED_TRIES` times: it has already slowed the
+        key's budget down for every process, so the next try goes at the lower pace. One that
+        asks to wait longer than `request_timeout` is raised at once, for a pause.
 
         Raises:
             Stopped: the flusher is stopping (nothing was sent), or it abandoned the request
                 once the stop's grace was over.
             Outage: nothing came back, or an answer that is not Engage's verdict.
+            RateLimited: still 429 after `_THROTTLED_TRIES` tries.
             EngageHTTPError: Engage answered with an error status.
         """
+        backoffs = jittered_delays(_THROTTLED_FIRST_WAIT, _THROTTLED_LONGEST_WAIT)
+        for attempt in range(1, _THROTTLED_TRIES + 1):
+            status, headers, body = await self._send(call, run)
+            try:
+                answer = _http.read_response(call, status, headers, body)
+            except UnexpectedResponse as exc:
+                # Not Engage's verdict (a redirect, a proxy's page): the outcome is unknown.
+                raise Outage(str(exc)) from exc
+            except RateLimited as exc:
+                # A Retry-After longer than a request may wait for the budget pauses instead:
+                # the budget would refuse the next try anyway, and the pause keeps the wait.
+                waits_long = (exc.retry_after or 0.0) > self.config.request_timeout
+                if attempt >= _THROTTLED_TRIES or waits_long:
+                    raise
+                if exc.retry_after is None:
+                    # Engage documents no Retry-After: back off, so that the key's other
+                    # processes (slowed down by the same 429) get the tenant's window back.
+                    await self._wait_throttled(next(backoffs), run)
+                continue
+            # An error answer propagates as Engage's error: whether it proves Engage is up is
+            # for the caller to say (a 5xx does not; a rejection of the change does).
+            await run.engage_answered(write=write)
+            return answer
+        raise AssertionError("unreachable: the last try returns or raises")
+
+    async def _wait_throttled(self, seconds: float, run: FlushRun) -> None:
+        try:
+            async with asyncio.timeout(None) as bound:
+                run.going_out(bound)  # a stop ends the wait within its grace
+                await self._clock.sleep(seconds)
+        except TimeoutError:
+            raise Stopped from None
+        finally:
+            run.came_back()
+
+    async def _send(self, call: _http.Call, run: FlushRun) -> tuple[int, Any, bytes]:
         try:
             async with asyncio.timeout(None) as bound:
                 run.going_out(bound)
-                status, headers, body = await self._transport.send(
-                    call, self.config.request_timeout
-                )
+                return await self._transport.send(call, self.config.request_timeout)
         except TimeoutError:
             # Only a stop reschedules this timeout: the request was abandoned, its fate
             # unknown.
@@ -85,15 +134,6 @@ class BackgroundCalls:
             raise Outage(str(exc), request_sent=exc.request_sent) from exc
         finally:
             run.came_back()
-        try:
-            answer = _http.read_response(call, status, headers, body)
-        except UnexpectedResponse as exc:
-            # Not Engage's verdict (a redirect, a proxy's page): the outcome is unknown.
-            raise Outage(str(exc)) from exc
-        # An error answer propagates as Engage's error: whether it proves Engage is up is for
-        # the caller to say (a 5xx does not; a rejection of the change does).
-        await run.engage_answered(write=write)
-        return answer
 
     def outage_for(self, exc: EngageHTTPError) -> Outage:
         """An error answer that says "not now" rather than "not this"."""

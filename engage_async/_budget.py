@@ -115,6 +115,7 @@ class Slots(Protocol):
     scale: float
     last_cut: float
     rate_warned: bool
+    blocked_until: float
 
 
 @attrs.define
@@ -125,6 +126,7 @@ class Record:
     scale: float = 1.0
     last_cut: float = -math.inf
     rate_warned: bool = False
+    blocked_until: float = 0.0
 
 
 def usable(record: Slots) -> int:
@@ -148,6 +150,8 @@ def take(record: Slots, now: float, priority: Priority) -> tuple[int | None, flo
 
     Background work takes a slot only while more than `INTERACTIVE_RESERVE` are free.
     """
+    if now < record.blocked_until <= now + _IMPOSSIBLE_LEAD:
+        return None, record.blocked_until - now  # Engage asked everyone to wait (Retry-After)
     count = usable(record)
     slots = record.slots
     needed = 1
@@ -180,8 +184,14 @@ def give_back(record: Slots, index: int, taken: float, now: float, window: float
         record.slots[index] = now + window
 
 
-def after_rate_limited(record: Slots, now: float, window: float) -> bool:
-    """Engage answered 429: use half the slots (once a window); True if this cut it."""
+def after_rate_limited(
+    record: Slots, now: float, window: float, retry_after: float | None = None
+) -> bool:
+    """Engage answered 429: use half the slots (once a window), and when it said how long,
+    nobody sends before then; True if this cut the share.
+    """
+    if retry_after is not None and retry_after > 0:
+        record.blocked_until = max(record.blocked_until, now + min(retry_after, _LONGEST_HOLD))
     if now - record.last_cut < window:
         return False
     record.scale = max(_LOWEST_SCALE, record.scale * _CUT)
@@ -200,7 +210,8 @@ def after_good_answer(record: Slots) -> None:
 _MAGIC: Final = b"EABUDGT2"
 _KEYS: Final = 8
 _KEY_BYTES: Final = 16
-# After the key, eight doubles of pace (slot count, scale, last cut, warned, 4 spare), then
+# After the key, eight doubles of pace (slot count, scale, last cut, warned, blocked until,
+# 3 spare), then
 # the slot times: all 8-byte aligned, so the file is read in place as doubles.
 _META: Final = 8
 _RECORD_BYTES: Final = _KEY_BYTES + 8 * (_META + MAX_SLOTS)
@@ -244,6 +255,14 @@ class _FileRecord:
     @rate_warned.setter
     def rate_warned(self, value: bool) -> None:
         self._doubles[3] = float(value)
+
+    @property
+    def blocked_until(self) -> float:
+        return float(self._doubles[4])
+
+    @blocked_until.setter
+    def blocked_until(self, value: float) -> None:
+        self._doubles[4] = value
 
 
 class BudgetFile:
@@ -463,8 +482,12 @@ class Budget:
                 self._returned.clear()
                 await wait_for_event(self._clock, self._returned, wait)
 
-    def release(self, permit: Permit, *, rate_limited: bool = False) -> None:
-        """The request is over (answered or failed); `rate_limited` if Engage said 429."""
+    def release(
+        self, permit: Permit, *, rate_limited: bool = False, retry_after: float | None = None
+    ) -> None:
+        """The request is over (answered or failed); `rate_limited` if Engage said 429, with
+        `retry_after` seconds when it said how long to wait.
+        """
         now = self._clock.monotonic()
         window = self.shape.window
 
@@ -473,7 +496,7 @@ class Budget:
             if not rate_limited:
                 after_good_answer(record)
                 return False
-            cut = after_rate_limited(record, now, window)
+            cut = after_rate_limited(record, now, window, retry_after)
             warn = cut and not record.rate_warned
             record.rate_warned = record.rate_warned or cut
             return warn

@@ -87,7 +87,7 @@ class OutboxFlusher:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._clock = clock
         self._transport = Transport(config, http, priority=Priority.BACKGROUND, clock=clock)
-        calls = BackgroundCalls(config, self._transport)
+        calls = BackgroundCalls(config, self._transport, clock)
         self._batches = BatchFollower(config, calls)
         self._reconciler = Reconciler(config, calls)
         self._export = XmlExport(config)
@@ -353,20 +353,24 @@ class OutboxFlusher:
             try:
                 while not self._stopping:
                     await store.recover_expired(self.owner, lease_seconds=self.config.lease_seconds)
-                    if await self._paused():
+                    pause = await store.pause()
+                    if pause is not None and pause.remaining > 0:
                         break
+                    # The outages counted so far: a failure in this step escalates the pause
+                    # only if no other flusher did since (one step of the schedule per probe).
+                    seen = pause.outages if pause is not None else 0
                     run.new_step()
                     try:
                         worked = await self._step(run)
                     except Outage as outage:
-                        await self._pause_all(outage, run)
+                        await self._pause_all(outage, run, seen)
                         if outage.config_problem is not None:
                             raise outage.config_problem from None
                         break
                     except UnexpectedResponse as exc:
                         # An answer we cannot read would be the same next second: wait as
                         # after an outage, so the retries follow the long schedule.
-                        await self._pause_all(Outage(str(exc)), run)
+                        await self._pause_all(Outage(str(exc)), run, seen)
                         break
                     except Stopped:
                         break
@@ -435,17 +439,17 @@ class OutboxFlusher:
 
     # --- the shared pause --------------------------------------------------------------------
 
-    async def _paused(self) -> bool:
-        pause = await self._ready().pause()
-        return pause is not None and pause.remaining > 0
-
-    async def _pause_all(self, outage: Outage, run: FlushRun) -> None:
+    async def _pause_all(self, outage: Outage, run: FlushRun, seen: int) -> None:
+        """Every flusher holds off, one step further along `background_delays` than the
+        `seen` outages, unless another flusher already paused after the same probe.
+        """
         store = self._ready()
         await run.release_held()
-        previous = await store.pause()
-        outages = (previous.outages if previous else 0) + 1
+        outages = seen + 1
         delay = background_delay(self.config.background_delays, outages - 1)
         if outage.retry_after is not None:
             delay = max(delay, outage.retry_after)
-        await store.set_pause(delay=delay, reason=outage.reason, outages=outages)
-        log.warning("Engage unavailable (%s): all flushers pause %.1f s", outage.reason, delay)
+        if await store.set_pause(
+            delay=delay, reason=outage.reason, outages=outages, expected_outages=seen
+        ):
+            log.warning("Engage unavailable (%s): all flushers pause %.1f s", outage.reason, delay)

@@ -312,6 +312,11 @@ def _header(headers: Mapping[str, str], wanted: str) -> str | None:
     return None
 
 
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds a ``Retry-After`` header asks to wait (seconds or an HTTP date), if any."""
+    return _parse_retry_after(_header(headers, "retry-after"))
+
+
 def _parse_retry_after(value: str | None) -> float | None:
     if value is None:
         return None

@@ -508,10 +508,17 @@ class SqliteOutbox:
         result: Pause | None = await self._read(lambda conn: _rows.pause(conn, now))
         return result
 
-    async def set_pause(self, *, delay: float, reason: str, outages: int) -> None:
-        """Make every flusher hold off for `delay` seconds."""
+    async def set_pause(
+        self, *, delay: float, reason: str, outages: int, expected_outages: int | None = None
+    ) -> bool:
+        """Make every flusher hold off for `delay` seconds (only if `expected_outages`, when
+        given, is the count so far); whether it did.
+        """
         now = self._now()
-        await self._write(lambda conn: _rows.set_pause(conn, delay, reason, outages, now))
+        done: bool = await self._write(
+            lambda conn: _rows.set_pause(conn, delay, reason, outages, now, expected_outages)
+        )
+        return done
 
     async def clear_pause(self) -> None:
         """Lift the pause and reset the outage count."""

@@ -14,14 +14,14 @@ from collections.abc import Iterator, Sequence
 
 import backoff
 
-__all__ = ["background_delay", "interactive_delays"]
+__all__ = ["background_delay", "jittered_delays"]
 
 # Jitter added on top of a background interval, as a fraction of it: a floor is never
 # undercut (Engage asks for "as late as possible"), only spread out.
 BACKGROUND_JITTER = 0.2
 
 
-def interactive_delays(initial: float, maximum: float) -> Iterator[float]:
+def jittered_delays(initial: float, maximum: float) -> Iterator[float]:
     """Delays before the 2nd, 3rd, ... attempt: ``U(0, min(initial * 2**n, maximum))``."""
     growth = backoff.expo(base=2, factor=initial, max_value=maximum)
     next(growth)  # backoff's generators yield None first, to be primed

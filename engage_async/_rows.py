@@ -857,9 +857,21 @@ def pause(conn: sqlite3.Connection, now: float) -> Pause | None:
 
 
 def set_pause(
-    conn: sqlite3.Connection, delay: float, reason: str, outages: int, now: float
-) -> None:
-    """Make every flusher hold off for `delay` seconds."""
+    conn: sqlite3.Connection,
+    delay: float,
+    reason: str,
+    outages: int,
+    now: float,
+    expected_outages: int | None = None,
+) -> bool:
+    """Make every flusher hold off for `delay` seconds; False (nothing changed) when
+    `expected_outages` is given and the outages counted so far are not that many (another
+    flusher escalated the pause first).
+    """
+    if expected_outages is not None:
+        row = conn.execute("SELECT value FROM control WHERE name = 'outages'").fetchone()
+        if (int(row[0]) if row is not None else 0) != expected_outages:
+            return False
     values = {
         "paused_until": repr(now + delay),
         "pause_delay": repr(delay),
@@ -871,6 +883,7 @@ def set_pause(
         "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
         list(values.items()),
     )
+    return True
 
 
 def clear_pause(conn: sqlite3.Connection) -> None:

@@ -94,18 +94,20 @@ def route(
             xml_creates=tuple(creates), xml_updates=tuple(updates), not_in_xml=tuple(type_changes)
         )
 
-    def alone(change: Change) -> bool:
-        return (
-            not bulk
-            or change.send_alone
-            or (change.operation is Operation.CREATE and bool(change.query))
-            or (change.operation is Operation.UPDATE and change.contact_type is None)
-        )
-
     return Routes(
-        singles=(*(c for c in (*creates, *updates) if alone(c)), *type_changes),
-        bulk_creates=tuple(c for c in creates if not alone(c)),
-        bulk_updates=tuple(c for c in updates if not alone(c)),
+        singles=(*(c for c in (*creates, *updates) if _goes_alone(c, bulk=bulk)), *type_changes),
+        bulk_creates=tuple(c for c in creates if not _goes_alone(c, bulk=bulk)),
+        bulk_updates=tuple(c for c in updates if not _goes_alone(c, bulk=bulk)),
+    )
+
+
+def _goes_alone(change: Change, *, bulk: bool) -> bool:
+    return (
+        not bulk
+        or change.send_alone
+        or (change.operation is Operation.CREATE and bool(change.query))
+        or (change.operation is Operation.UPDATE and change.contact_type is None)
+        or change.operation in {Operation.CONTACT_TYPE, Operation.PROMOTE}
     )
 
 
@@ -114,14 +116,7 @@ def _own_requests(change: Change, *, bulk: bool) -> int:
     shared by thousands of changes, and not counted).
     """
     lookup = int(change.operation is Operation.CREATE and change.lookup_first)
-    alone = (
-        not bulk
-        or change.send_alone
-        or (change.operation is Operation.CREATE and bool(change.query))
-        or (change.operation is Operation.UPDATE and change.contact_type is None)
-        or change.operation in {Operation.CONTACT_TYPE, Operation.PROMOTE}
-    )
-    return lookup + int(alone)
+    return lookup + int(_goes_alone(change, bulk=bulk))
 
 
 def affordable(

@@ -69,7 +69,7 @@ from ._models import Contact, ContactOverview, Delivery, PointAccount, Promotion
 from ._outbox import SqliteOutbox
 from ._overview import read_overview
 from ._redact import scrub
-from ._retry import interactive_delays
+from ._retry import jittered_delays
 from ._store import OutboxStore
 from ._transport import Transport
 from ._wire import (
@@ -238,7 +238,7 @@ class EngageSession:
 
         Only idempotent calls are retried here; creates have their own rules.
         """
-        delays = interactive_delays(self.config.retry_initial_delay, self.config.retry_max_delay)
+        delays = jittered_delays(self.config.retry_initial_delay, self.config.retry_max_delay)
         for attempt in range(1, self.config.retry_attempts + 1):
             try:
                 return await self._attempt(call, until)
@@ -539,7 +539,7 @@ class EngageSession:
             store_external_id=create.query.get("storeExternalId"),
             create_as_unapproved="createAsUnapproved" in create.query,
         )
-        delays = interactive_delays(self.config.retry_initial_delay, self.config.retry_max_delay)
+        delays = jittered_delays(self.config.retry_initial_delay, self.config.retry_max_delay)
         try:
             existing = await self._lookup_key(create, until)
             if existing is not None:

@@ -250,8 +250,13 @@ class OutboxStore(Protocol):
         """The pause every flusher obeys, if one is set (it may have run out)."""
         ...
 
-    async def set_pause(self, *, delay: float, reason: str, outages: int) -> None:
-        """Make every flusher hold off for `delay` seconds."""
+    async def set_pause(
+        self, *, delay: float, reason: str, outages: int, expected_outages: int | None = None
+    ) -> bool:
+        """Make every flusher hold off for `delay` seconds, `outages` now counted; when
+        `expected_outages` is given, only if that many were counted so far (so several
+        flushers failing after one probe escalate the pause once). Whether it did.
+        """
         ...
 
     async def clear_pause(self) -> None:

@@ -32,7 +32,7 @@ from ._errors import (
     OutboxError,
     UnexpectedResponse,
 )
-from ._http import Call
+from ._http import Call, retry_after
 
 __all__ = ["Transport"]
 
@@ -128,13 +128,18 @@ class Transport:
                 f"left no room within {timeout:.2f} s",
                 request_sent=False,
             )
-        status = 0
+        answer: Answer | None = None
         try:
             answer = await self._send_admitted(call, started + timeout, timeout)
-            status = answer[0]
         finally:
-            # The slot is held until the answer (or failure): see _budget.
-            budget.release(permit, rate_limited=status == 429)
+            # The slot is held until the answer (or failure): see _budget. A 429 slows every
+            # process on the key down, and holds them all for its Retry-After.
+            throttled = answer is not None and answer[0] == 429
+            budget.release(
+                permit,
+                rate_limited=throttled,
+                retry_after=retry_after(answer[1]) if throttled and answer else None,
+            )
         return answer
 
     async def _send_admitted(self, call: Call, deadline: float, timeout: float) -> Answer:

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from engage_async import _retry
-from engage_async._retry import BACKGROUND_JITTER, background_delay, interactive_delays
+from engage_async._retry import BACKGROUND_JITTER, background_delay, jittered_delays
 
 SCHEDULE = (10.0, 30.0, 60.0, 300.0)
 
@@ -40,27 +40,27 @@ def no_jitter_fixture(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_interactive_ceilings_double_up_to_the_maximum() -> None:
     """The jitter ceiling starts at `initial`, doubles, and stays at `maximum`."""
     assert [0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0] == list(
-        itertools.islice(interactive_delays(0.1, 1.0), 7)
+        itertools.islice(jittered_delays(0.1, 1.0), 7)
     )
 
 
 @pytest.mark.usefixtures("no_jitter")
 def test_interactive_initial_above_maximum_is_capped() -> None:
     """An initial delay larger than the maximum is capped from the first retry."""
-    assert [0.5, 0.5, 0.5] == list(itertools.islice(interactive_delays(2.0, 0.5), 3))
+    assert [0.5, 0.5, 0.5] == list(itertools.islice(jittered_delays(2.0, 0.5), 3))
 
 
-def test_interactive_delays_never_end() -> None:
+def test_jittered_delays_never_end() -> None:
     """The generator gives as many delays as a caller asks for."""
-    assert 1000 == len(list(itertools.islice(interactive_delays(0.01, 0.05), 1000)))
+    assert 1000 == len(list(itertools.islice(jittered_delays(0.01, 0.05), 1000)))
 
 
-def test_interactive_delays_within_full_jitter_bounds() -> None:
+def test_jittered_delays_within_full_jitter_bounds() -> None:
     """Each delay lies in [0, min(initial * 2**n, maximum)], with real jitter."""
     random.seed(1234)
     ceilings = [min(0.1 * 2**n, 1.0) for n in range(12)]
 
-    delays = list(itertools.islice(interactive_delays(0.1, 1.0), 12))
+    delays = list(itertools.islice(jittered_delays(0.1, 1.0), 12))
 
     assert [] == [
         (n, delay)
@@ -69,11 +69,11 @@ def test_interactive_delays_within_full_jitter_bounds() -> None:
     ]
 
 
-def test_interactive_delays_are_jittered() -> None:
+def test_jittered_delays_are_jittered() -> None:
     """Two sequences differ: concurrent callers do not retry in lockstep."""
     random.seed(99)
-    first = list(itertools.islice(interactive_delays(1.0, 1.0), 20))
-    second = list(itertools.islice(interactive_delays(1.0, 1.0), 20))
+    first = list(itertools.islice(jittered_delays(1.0, 1.0), 20))
+    second = list(itertools.islice(jittered_delays(1.0, 1.0), 20))
 
     assert first != second
 
