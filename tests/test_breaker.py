@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from helpers import FakeClock
 
 from engage_async._breaker import BreakerState, CircuitBreaker
 
@@ -10,27 +11,16 @@ THRESHOLD = 3
 COOLDOWN = 30.0
 
 
-class FakeClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        """The current fake time."""
-        return self.now
-
-
 @pytest.fixture(name="clock")
 def clock_fixture() -> FakeClock:
-    """A fake clock."""
+    """A fake clock; the breaker reads its monotonic time."""
     return FakeClock()
 
 
 @pytest.fixture(name="breaker")
 def breaker_fixture(clock: FakeClock) -> CircuitBreaker:
     """A closed breaker: 3 failures open it for 30 s."""
-    return CircuitBreaker(THRESHOLD, COOLDOWN, clock=clock)
+    return CircuitBreaker(THRESHOLD, COOLDOWN, clock=clock.monotonic)
 
 
 def fail(breaker: CircuitBreaker, times: int) -> None:
@@ -81,7 +71,7 @@ def test_success_resets_the_count(breaker: CircuitBreaker) -> None:
 
 def test_threshold_of_one(clock: FakeClock) -> None:
     """With threshold 1 a single failure opens it."""
-    breaker = CircuitBreaker(1, COOLDOWN, clock=clock)
+    breaker = CircuitBreaker(1, COOLDOWN, clock=clock.monotonic)
 
     breaker.record_failure()
 
@@ -90,7 +80,7 @@ def test_threshold_of_one(clock: FakeClock) -> None:
 
 def test_refuses_during_cooldown(opened: CircuitBreaker, clock: FakeClock) -> None:
     """Until the cool-down has passed, nothing goes out; remaining_cooldown counts down."""
-    clock.now += COOLDOWN - 0.001
+    clock.advance(COOLDOWN - 0.001)
 
     assert (False, BreakerState.OPEN, pytest.approx(0.001)) == (
         opened.allow(),
@@ -106,7 +96,7 @@ def test_remaining_cooldown_when_just_opened(opened: CircuitBreaker) -> None:
 
 def test_after_cooldown_one_probe(opened: CircuitBreaker, clock: FakeClock) -> None:
     """After the cool-down exactly one call is let through, as a probe (half-open)."""
-    clock.now += COOLDOWN
+    clock.advance(COOLDOWN)
 
     assert ([True, False, False], BreakerState.HALF_OPEN, 0.0) == (
         [opened.allow(), opened.allow(), opened.allow()],
@@ -117,7 +107,7 @@ def test_after_cooldown_one_probe(opened: CircuitBreaker, clock: FakeClock) -> N
 
 def test_probe_success_closes(opened: CircuitBreaker, clock: FakeClock) -> None:
     """A successful probe closes the circuit: everything goes out again."""
-    clock.now += COOLDOWN
+    clock.advance(COOLDOWN)
     assert opened.allow()
 
     opened.record_success()
@@ -129,7 +119,7 @@ def test_closed_after_probe_needs_a_full_threshold_again(
     opened: CircuitBreaker, clock: FakeClock
 ) -> None:
     """After closing, it takes a full run of failures to open again."""
-    clock.now += COOLDOWN
+    clock.advance(COOLDOWN)
     opened.allow()
     opened.record_success()
 
@@ -140,9 +130,9 @@ def test_closed_after_probe_needs_a_full_threshold_again(
 
 def test_probe_failure_reopens(opened: CircuitBreaker, clock: FakeClock) -> None:
     """A failed probe opens the circuit again, for a fresh cool-down."""
-    clock.now += COOLDOWN
+    clock.advance(COOLDOWN)
     assert opened.allow()
-    clock.now += 5.0
+    clock.advance(5.0)
 
     opened.record_failure()
 
@@ -157,10 +147,10 @@ def test_reopened_circuit_probes_again_after_cooldown(
     opened: CircuitBreaker, clock: FakeClock
 ) -> None:
     """After a failed probe and another cool-down, one more probe goes out."""
-    clock.now += COOLDOWN
+    clock.advance(COOLDOWN)
     opened.allow()
     opened.record_failure()
-    clock.now += COOLDOWN
+    clock.advance(COOLDOWN)
 
     assert [True, False] == [opened.allow(), opened.allow()]
 
@@ -169,11 +159,11 @@ def test_lost_probe_does_not_shut_the_circuit_for_good(
     opened: CircuitBreaker, clock: FakeClock
 ) -> None:
     """A probe that never reports back (its caller was cancelled) frees the way after a while."""
-    clock.now += COOLDOWN
+    clock.advance(COOLDOWN)
     assert opened.allow()
-    clock.now += COOLDOWN - 1.0
+    clock.advance(COOLDOWN - 1.0)
     assert not opened.allow()
-    clock.now += 1.0
+    clock.advance(1.0)
 
     assert [True, False] == [opened.allow(), opened.allow()]
 

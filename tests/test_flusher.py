@@ -9,120 +9,47 @@ well as what Engage ends up holding.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import sqlite3
-import time
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import pytest
-from helpers import create_outbox, make_config
+from helpers import (
+    BULK,
+    CONTACTS,
+    FLUSHER_JUMP_LIMIT,
+    LOOKUP,
+    NOT_FOUND,
+    FakeClock,
+    assert_settled,
+    attribute,
+    bulk_items,
+    by_change_id,
+    changes,
+    contact_type,
+    create_outbox,
+    drain,
+    eventually,
+    flusher_config,
+    one_id,
+    query,
+    retry_wait,
+    writes,
+)
 
 import engage_async as ea
-from engage_async.testing import FakeEngage, RecordedRequest
-
-CONTACTS = "/api/v3/contacts"
-BULK = "/api/v3/contacts/bulk"
-LOOKUP = "/api/v3/contacts/id"
-NOT_FOUND = {"errorCode": "ContactNotFound", "message": "No contact matches.", "statusCode": 404}
+from engage_async.testing import FakeEngage
 
 
-def flusher_config(fake: FakeEngage, tmp_path: Path, **overrides: Any) -> ea.EngageConfig:
-    """A config on `fake` with the flusher's waits shrunk to milliseconds."""
-    values: dict[str, Any] = {
-        "background_delays": (0.01,),
-        "batch_poll_initial": 0.01,
-        "batch_poll_max": 0.05,
-        "poll_interval": 0.05,
-        "lease_seconds": 5.0,
-    }
-    values.update(overrides)
-    return make_config(fake.url, fake.api_key, tmp_path, **values)
-
-
-def changes(config: ea.EngageConfig) -> list[dict[str, Any]]:
-    """Every row of the outbox's `changes` table, in seq order."""
-    return query(config, "SELECT * FROM changes ORDER BY seq")
-
-
-def query(config: ea.EngageConfig, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
-    """Rows of a read-only SQL query on the outbox file."""
-    with contextlib.closing(sqlite3.connect(config.outbox_path)) as conn:
-        conn.row_factory = sqlite3.Row
-        return [dict(row) for row in conn.execute(sql, tuple(params)).fetchall()]
-
-
-def execute(config: ea.EngageConfig, sql: str, params: Iterable[Any] = ()) -> None:
-    """Change the outbox behind the library's back (a crashed flusher, time passing)."""
-    with contextlib.closing(sqlite3.connect(config.outbox_path)) as conn, conn:
-        conn.execute(sql, tuple(params))
-
-
-def by_change_id(config: ea.EngageConfig) -> dict[str, dict[str, Any]]:
-    """The outbox rows keyed by change id."""
-    return {row["change_id"]: row for row in changes(config)}
-
-
-def one_id(fake: FakeEngage, email: str) -> str:
-    """The id of the only contact holding `email`; fails if there are none or several."""
-    found = fake.find("email", email)
-    assert 1 == len(found), f"{email}: {found}"
-    return found[0]
-
-
-def attribute(fake: FakeEngage, contact_id: str, name: str) -> Any:
-    """An attribute of a contact as Engage would answer it."""
-    return fake.contact_json(contact_id)["attributes"][name]
-
-
-def contact_type(fake: FakeEngage, contact_id: str) -> str:
-    """The contact's type as Engage would answer it."""
-    return str(fake.contact_json(contact_id)["meta"]["contactType"])
-
-
-def writes(fake: FakeEngage) -> list[RecordedRequest]:
-    """The write requests Engage received (every POST and PATCH)."""
-    return [r for r in fake.requests if r.method in {"POST", "PATCH"}]
-
-
-def bulk_items(fake: FakeEngage, method: str) -> list[list[dict[str, Any]]]:
-    """The item lists of each bulk request of `method`."""
-    return [r.json() for r in fake.requests_to(method, BULK)]
-
-
-def assert_settled(config: ea.EngageConfig) -> None:
-    """Every change ended done, or dead with a code and a reason: nothing vanished."""
-    for row in changes(config):
-        assert row["state"] in {"done", "dead"}, row
-        if row["state"] == "dead":
-            assert row["error_code"], row
-            assert row["last_error"], row
-
-
-async def drain(flusher: ea.OutboxFlusher, *, rounds: int = 40) -> ea.FlushReport:
-    """Flush until nothing is pending (pauses and retry delays are milliseconds here)."""
-    report = await flusher.flush_once()
-    for _ in range(rounds):
-        if report.pending == 0:
-            return report
-        await asyncio.sleep(0.02)
-        report = await flusher.flush_once()
-    return report
-
-
-async def eventually(condition: Any, timeout: float = 5.0) -> None:
-    """Wait, polling, until `condition()` is true; fail after `timeout` seconds."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
+@pytest.fixture(name="clock")
+def clock_fixture() -> FakeClock:
+    """The clock of every session and flusher in a test; batch polls pass at once on it."""
+    return FakeClock(jump_limit=FLUSHER_JUMP_LIMIT)
 
 
 # --- outage, then recovery ---------------------------------------------------------------------
 
 
 async def test_outage_then_recovery_delivers_everything_once_in_order(
-    fake: FakeEngage, tmp_path: Path
+    fake: FakeEngage, tmp_path: Path, clock: FakeClock
 ) -> None:
     """Changes queued during an outage are all applied once, in per-contact order, via bulk.
 
@@ -135,7 +62,7 @@ async def test_outage_then_recovery_delivers_everything_once_in_order(
     other = fake.add_contact({"email": "other@example.com", "firstName": "Other"})
     members = [f"m{i}@example.com" for i in range(4)]
     plain = [f"c{i}@example.com" for i in range(3)]
-    async with ea.EngageSession(config) as engage:
+    async with ea.EngageSession(config, clock=clock) as engage:
         await fake.go_down()
         refs = {}
         for email in members:
@@ -163,7 +90,7 @@ async def test_outage_then_recovery_delivers_everything_once_in_order(
         await engage.update_contact(other, {"lastName": "Else"})
         await fake.come_up()
 
-        async with ea.OutboxFlusher(config) as flusher:
+        async with ea.OutboxFlusher(config, clock=clock) as flusher:
             report = await flusher.flush_once()
 
         # 7 creates, then old: update, type, update; other: update; c0: type, update.
@@ -198,7 +125,7 @@ async def test_outage_then_recovery_delivers_everything_once_in_order(
 
 
 async def test_bulk_requests_hold_at_most_bulk_max_items_of_one_contact_type(
-    fake: FakeEngage, tmp_path: Path
+    fake: FakeEngage, tmp_path: Path, clock: FakeClock
 ) -> None:
     """A backlog at the threshold goes through the bulk endpoints, in chunks grouped by type.
 
@@ -215,7 +142,7 @@ async def test_bulk_requests_hold_at_most_bulk_max_items_of_one_contact_type(
         for i in range(4)
     }
     types = {f"b{i}@example.com": "Contact" if i % 3 == 0 else "Member" for i in range(9)}
-    async with ea.EngageSession(config) as engage:
+    async with ea.EngageSession(config, clock=clock) as engage:
         for guid in existing:
             await engage.get_contact(guid)  # the session learns each contact's type
         await fake.go_down()
@@ -225,7 +152,7 @@ async def test_bulk_requests_hold_at_most_bulk_max_items_of_one_contact_type(
             await engage.update_contact(guid, {"city": "Visby"})
         await fake.come_up()
     fake.clear_requests()
-    async with ea.OutboxFlusher(config) as flusher:
+    async with ea.OutboxFlusher(config, clock=clock) as flusher:
         report = await flusher.flush_once()
 
     assert (0, 0) == (report.pending, report.dead)
@@ -250,7 +177,7 @@ async def test_bulk_requests_hold_at_most_bulk_max_items_of_one_contact_type(
 
 
 async def test_a_backlog_above_the_threshold_goes_bulk_even_when_chunks_are_smaller(
-    fake: FakeEngage, tmp_path: Path
+    fake: FakeEngage, tmp_path: Path, clock: FakeClock
 ) -> None:
     """`bulk_threshold` counts the due backlog, not the size of one bulk request.
 
@@ -260,12 +187,12 @@ async def test_a_backlog_above_the_threshold_goes_bulk_even_when_chunks_are_smal
     """
     config = flusher_config(fake, tmp_path, bulk_threshold=5, bulk_max_items=3)
     emails = [f"t{i}@example.com" for i in range(10)]
-    async with ea.EngageSession(config) as engage:
+    async with ea.EngageSession(config, clock=clock) as engage:
         await fake.go_down()
         for email in emails:
             await engage.create_contact({"email": email})
         await fake.come_up()
-    async with ea.OutboxFlusher(config) as flusher:
+    async with ea.OutboxFlusher(config, clock=clock) as flusher:
         report = await flusher.flush_once()
 
     assert 0 == report.pending
@@ -276,7 +203,7 @@ async def test_a_backlog_above_the_threshold_goes_bulk_even_when_chunks_are_smal
 
 
 async def test_a_backlog_below_the_threshold_uses_the_single_endpoints(
-    fake: FakeEngage, tmp_path: Path
+    fake: FakeEngage, tmp_path: Path, clock: FakeClock
 ) -> None:
     """Below `bulk_threshold`, creates, updates and type changes go one by one.
 
@@ -284,14 +211,14 @@ async def test_a_backlog_below_the_threshold_uses_the_single_endpoints(
     """
     config = flusher_config(fake, tmp_path)  # the default threshold, 20
     existing = fake.add_contact({"email": "known@example.com"})
-    async with ea.EngageSession(config) as engage:
+    async with ea.EngageSession(config, clock=clock) as engage:
         await fake.go_down()
         first = await engage.create_contact({"email": "s1@example.com", "firstName": "S"})
         await engage.create_contact({"email": "s2@example.com"}, contact_type="Contact")
         await engage.update_contact(existing, {"lastName": "Known"})
         await engage.update_contact_type(existing, "Contact")
         await fake.come_up()
-        async with ea.OutboxFlusher(config) as flusher:
+        async with ea.OutboxFlusher(config, clock=clock) as flusher:
             report = await flusher.flush_once()
         s1 = one_id(fake, "s1@example.com")
         assert s1 == await engage.resolve(first.ref or "")
@@ -312,7 +239,7 @@ async def test_a_backlog_below_the_threshold_uses_the_single_endpoints(
 
 
 async def test_a_queued_create_whose_contact_exists_returns_the_existing_guid(
-    fake: FakeEngage, tmp_path: Path
+    fake: FakeEngage, tmp_path: Path, clock: FakeClock
 ) -> None:
     """if_exists="return": the create (never sent before, so not looked up first) meets
     Engage's 409 ApprovedContactWithKeyExists, is looked up, found, done with the existing
@@ -320,12 +247,12 @@ async def test_a_queued_create_whose_contact_exists_returns_the_existing_guid(
     GUID.
     """
     config = flusher_config(fake, tmp_path)
-    async with ea.EngageSession(config) as engage:
+    async with ea.EngageSession(config, clock=clock) as engage:
         await fake.go_down()
         queued = await engage.create_contact({"email": "twin@example.com", "firstName": "New"})
         existing = fake.add_contact({"email": "twin@example.com", "firstName": "Old"})
         await fake.come_up()
-        async with ea.OutboxFlusher(config) as flusher:
+        async with ea.OutboxFlusher(config, clock=clock) as flusher:
             report = await flusher.flush_once()
         assert existing == await engage.resolve(queued.ref or "")
 
@@ -338,13 +265,13 @@ async def test_a_queued_create_whose_contact_exists_returns_the_existing_guid(
 
 
 async def test_a_queued_create_with_if_exists_update_updates_the_existing_contact(
-    fake: FakeEngage, tmp_path: Path
+    fake: FakeEngage, tmp_path: Path, clock: FakeClock
 ) -> None:
     """if_exists="update": the contact Engage says exists (409) is found and gets the
     create's attributes as an update; nothing is created.
     """
     config = flusher_config(fake, tmp_path)
-    async with ea.EngageSession(config) as engage:
+    async with ea.EngageSession(config, clock=clock) as engage:
         await fake.go_down()
         queued = await engage.create_contact(
             {"email": "upd@example.com", "firstName": "Fresh", "city": "Ystad"},
@@ -352,7 +279,7 @@ async def test_a_queued_create_with_if_exists_update_updates_the_existing_contac
         )
         existing = fake.add_contact({"email": "upd@example.com", "firstName": "Stale"})
         await fake.come_up()
-        async with ea.OutboxFlusher(config) as flusher:
+        async with ea.OutboxFlusher(config, clock=clock) as flusher:
             report = await flusher.flush_once()
         assert existing == await engage.resolve(queued.ref or "")
 
@@ -371,7 +298,7 @@ async def test_a_queued_create_with_if_exists_update_updates_the_existing_contac
 
 
 async def test_an_update_folded_into_a_create_is_applied_when_the_contact_existed(
-    fake: FakeEngage, tmp_path: Path
+    fake: FakeEngage, tmp_path: Path, clock: FakeClock
 ) -> None:
     """if_exists="return" with a later update folded in: only the update is applied.
 
@@ -379,13 +306,13 @@ async def test_an_update_folded_into_a_create_is_applied_when_the_contact_existe
     the ref afterwards does reach it.
     """
     config = flusher_config(fake, tmp_path)
-    async with ea.EngageSession(config) as engage:
+    async with ea.EngageSession(config, clock=clock) as engage:
         await fake.go_down()
         queued = await engage.create_contact({"email": "fold@example.com", "firstName": "New"})
         await engage.update_contact(queued.ref or "", {"lastName": "Later"})
         existing = fake.add_contact({"email": "fold@example.com", "firstName": "Old"})
         await fake.come_up()
-        async with ea.OutboxFlusher(config) as flusher:
+        async with ea.OutboxFlusher(config, clock=clock) as flusher:
             report = await flusher.flush_once()
         assert existing == await engage.resolve(queued.ref or "")
 
@@ -404,7 +331,7 @@ async def test_an_update_folded_into_a_create_is_applied_when_the_contact_existe
 
 
 async def test_a_pending_batch_stays_in_flight_and_is_polled_at_growing_intervals(
-    fake: FakeEngage, tmp_path: Path
+    fake: FakeEngage, tmp_path: Path, clock: FakeClock
 ) -> None:
     """While Engage keeps a batch Pending, its rows stay in flight and polls back off.
 
@@ -413,16 +340,16 @@ async def test_a_pending_batch_stays_in_flight_and_is_polled_at_growing_interval
     `batch_poll_max`); once Engage finishes the batch, a flush settles it.
     """
     config = flusher_config(
-        fake, tmp_path, bulk_threshold=2, batch_poll_initial=0.02, batch_poll_max=0.1
+        fake, tmp_path, bulk_threshold=2, batch_poll_initial=2.0, batch_poll_max=10.0
     )
     emails = ["p1@example.com", "p2@example.com"]
-    async with ea.EngageSession(config) as engage:
+    async with ea.EngageSession(config, clock=clock) as engage:
         await fake.go_down()
         for email in emails:
             await engage.create_contact({"email": email})
         await fake.come_up()
     fake.hold_batches = True
-    async with ea.OutboxFlusher(config) as flusher:
+    async with ea.OutboxFlusher(config, clock=clock) as flusher:
         report = await flusher.flush_once(wait_for_batches=False)
         assert (2, 2) == (report.sent, report.pending)
         [batch] = query(config, "SELECT * FROM batches")
@@ -431,20 +358,24 @@ async def test_a_pending_batch_stays_in_flight_and_is_polled_at_growing_interval
         assert [("inflight", batch["batch_id"])] * 2 == [
             (row["state"], row["batch_id"]) for row in changes(config)
         ]
+        assert pytest.approx(clock.wall() + 2.0) == batch["next_poll_at"]
 
         waits = []
-        for _ in range(4):
-            [before] = query(config, "SELECT next_poll_at FROM batches")
-            await asyncio.sleep(max(0.0, before["next_poll_at"] - time.time()) + 0.005)
-            started = time.time()
+        for polls in range(1, 5):
+            [before] = query(config, "SELECT polls, next_poll_at FROM batches")
+            # Just before the poll is due, a flush leaves the batch alone.
+            clock.advance_to(before["next_poll_at"] - 0.01)
             await flusher.flush_once(wait_for_batches=False)
-            finished = time.time()
+            assert [before] == query(config, "SELECT polls, next_poll_at FROM batches")
+            assert polls - 1 == len(fake.requests_to("GET", f"{BULK}/status"))
+
+            clock.advance_to(before["next_poll_at"])
+            polled_at = clock.wall()
+            await flusher.flush_once(wait_for_batches=False)
             [after] = query(config, "SELECT polls, next_poll_at, state FROM batches")
-            assert "submitted" == after["state"]
-            wait = min(0.1, 0.02 * 2 ** after["polls"])
-            assert started + wait - 1e-6 <= after["next_poll_at"] <= finished + wait + 1e-6
-            waits.append(wait)
-        assert [0.04, 0.08, 0.1, 0.1] == waits
+            assert ("submitted", polls) == (after["state"], after["polls"])
+            waits.append(round(after["next_poll_at"] - polled_at, 6))
+        assert [4.0, 8.0, 10.0, 10.0] == waits
         assert all(row["state"] == "inflight" for row in changes(config))
 
         fake.release_batches()
@@ -458,31 +389,44 @@ async def test_a_pending_batch_stays_in_flight_and_is_polled_at_growing_interval
 
 
 async def test_flush_once_waits_for_the_batches_it_submitted(
-    fake: FakeEngage, tmp_path: Path
+    fake: FakeEngage, tmp_path: Path, clock: FakeClock
 ) -> None:
-    """By default flush_once polls a pending batch until it finishes and reports its outcome."""
+    """By default flush_once polls a pending batch until it finishes and reports its outcome.
+
+    It waits between polls on its clock (2 s, then 4 s, ...), sending nothing meanwhile.
+    """
     config = flusher_config(fake, tmp_path, bulk_threshold=2)
-    async with ea.EngageSession(config) as engage:
+    async with ea.EngageSession(config, clock=clock) as engage:
         await fake.go_down()
         for email in ("w1@example.com", "w2@example.com"):
             await engage.create_contact({"email": email})
         await fake.come_up()
     fake.hold_batches = True
-    async with ea.OutboxFlusher(config) as flusher:
+    clock.jump_limit = 0.0  # from here on, time moves only when the test moves it
+    async with ea.OutboxFlusher(config, clock=clock) as flusher:
         flushing = asyncio.create_task(flusher.flush_once())
-        await eventually(lambda: len(fake.requests_to("GET", f"{BULK}/status")) >= 3)
-        assert not flushing.done()
+        for polls, wait in enumerate([2.0, 4.0, 8.0]):
+            await clock.until_sleeping(wait)
+            assert polls == len(fake.requests_to("GET", f"{BULK}/status"))
+            assert not flushing.done()
+            [batch] = query(config, "SELECT next_poll_at FROM batches")
+            clock.advance_to(batch["next_poll_at"])
+        await clock.until_sleeping(16.0)
+        assert 3 == len(fake.requests_to("GET", f"{BULK}/status"))
         fake.release_batches()
+        [batch] = query(config, "SELECT next_poll_at FROM batches")
+        clock.advance_to(batch["next_poll_at"])
         report = await asyncio.wait_for(flushing, 5)
 
     assert (2, 2, 0) == (report.created, report.reconciled, report.pending)
+    assert 4 == len(fake.requests_to("GET", f"{BULK}/status"))
 
 
 # --- GUID reconciliation ------------------------------------------------------------------------
 
 
 async def test_reconciliation_records_the_guid_and_releases_the_changes_waiting_on_the_ref(
-    fake: FakeEngage, tmp_path: Path
+    fake: FakeEngage, tmp_path: Path, clock: FakeClock
 ) -> None:
     """After a bulk create, the GUID is found by key and the ref's queued changes follow it.
 
@@ -491,7 +435,7 @@ async def test_reconciliation_records_the_guid_and_releases_the_changes_waiting_
     them are looked up first.
     """
     config = flusher_config(fake, tmp_path, bulk_threshold=3)
-    async with ea.EngageSession(config) as engage:
+    async with ea.EngageSession(config, clock=clock) as engage:
         await fake.go_down()
         lonely = await engage.create_contact({"email": "lonely@example.com"})
         busy = await engage.create_contact({"email": "busy@example.com"})
@@ -499,7 +443,7 @@ async def test_reconciliation_records_the_guid_and_releases_the_changes_waiting_
         await engage.update_contact_type(busy.ref or "", "Contact")
         await engage.update_contact(busy.ref or "", {"firstName": "Busy"})
         await fake.come_up()
-        async with ea.OutboxFlusher(config) as flusher:
+        async with ea.OutboxFlusher(config, clock=clock) as flusher:
             report = await flusher.flush_once()
         assert 0 == report.pending
         guid = one_id(fake, "busy@example.com")
@@ -523,20 +467,20 @@ async def test_reconciliation_records_the_guid_and_releases_the_changes_waiting_
 
 
 async def test_a_key_not_found_yet_is_looked_up_again_later(
-    fake: FakeEngage, tmp_path: Path
+    fake: FakeEngage, tmp_path: Path, clock: FakeClock
 ) -> None:
     """A created contact Engage cannot find yet waits: its lookups count, its next is later.
 
     When the lookup finds it at last, the GUID is recorded and the create is done.
     """
     config = flusher_config(fake, tmp_path, bulk_threshold=2, background_delays=(30.0,))
-    async with ea.EngageSession(config) as engage:
+    async with ea.EngageSession(config, clock=clock) as engage:
         await fake.go_down()
         slow = await engage.create_contact({"email": "slow@example.com"})
         await engage.create_contact({"email": "quick@example.com"})
         await fake.come_up()
         fake.hold_batches = True
-        async with ea.OutboxFlusher(config) as flusher:
+        async with ea.OutboxFlusher(config, clock=clock) as flusher:
             await flusher.flush_once(wait_for_batches=False)
             # Engage has applied the batch but its lookup index lags behind for one contact.
             fake.inject("status", method="GET", path=LOOKUP, status=404, body=NOT_FOUND, times=1)
@@ -545,9 +489,14 @@ async def test_a_key_not_found_yet_is_looked_up_again_later(
             assert (2, 1, 1) == (report.created, report.reconciled, report.pending)
             row = by_change_id(config)[slow.change_id or ""]
             assert ("waiting_guid", 1) == (row["state"], row["lookups"])
-            assert row["next_attempt_at"] > time.time() + 20
+            looked_up_at = clock.wall()
+            assert 30.0 <= row["next_attempt_at"] - looked_up_at <= retry_wait(config)
 
-            execute(config, "UPDATE changes SET next_attempt_at = 0 WHERE state = 'waiting_guid'")
+            # Not yet: the next flush leaves it waiting.
+            clock.advance_to(row["next_attempt_at"] - 1.0)
+            report = await flusher.flush_once()
+            assert (0, 1) == (report.reconciled, report.pending)
+            clock.advance_to(row["next_attempt_at"])
             report = await flusher.flush_once()
         assert 0 == report.pending
         assert one_id(fake, "slow@example.com") == await engage.resolve(slow.ref or "")
@@ -555,7 +504,7 @@ async def test_a_key_not_found_yet_is_looked_up_again_later(
 
 
 async def test_a_key_changed_by_a_folded_update_is_still_reconciled(
-    fake: FakeEngage, tmp_path: Path
+    fake: FakeEngage, tmp_path: Path, clock: FakeClock
 ) -> None:
     """A queued create whose email a later update corrected is found under the new email.
 
@@ -565,14 +514,14 @@ async def test_a_key_changed_by_a_folded_update_is_still_reconciled(
     created twice or dead-lettered.
     """
     config = flusher_config(fake, tmp_path, bulk_threshold=2, reconcile_max_lookups=2)
-    async with ea.EngageSession(config) as engage:
+    async with ea.EngageSession(config, clock=clock) as engage:
         await fake.go_down()
         typo = await engage.create_contact({"email": "anna@exampel.com", "firstName": "Anna"})
         await engage.update_contact(typo.ref or "", {"email": "anna@example.com"})
         await engage.create_contact({"email": "bo@example.com"})
         await fake.come_up()
-        async with ea.OutboxFlusher(config) as flusher:
-            await drain(flusher, rounds=10)
+        async with ea.OutboxFlusher(config, clock=clock) as flusher:
+            await drain(flusher, clock, rounds=10)
         guid = one_id(fake, "anna@example.com")
         assert guid == await engage.resolve(typo.ref or "")
 
@@ -584,7 +533,7 @@ async def test_a_key_changed_by_a_folded_update_is_still_reconciled(
 
 
 async def test_an_update_engage_rejects_is_dead_with_its_reason(
-    fake: FakeEngage, tmp_path: Path
+    fake: FakeEngage, tmp_path: Path, clock: FakeClock
 ) -> None:
     """A 422 (invalid email) and a 404 (contact deleted) dead-letter the update with Engage's
     code and message; an update to another contact in the same flush is delivered.
@@ -593,14 +542,14 @@ async def test_an_update_engage_rejects_is_dead_with_its_reason(
     invalid = fake.add_contact({"email": "valid@example.com"})
     gone = fake.add_contact({"email": "gone@example.com"})
     fine = fake.add_contact({"email": "fine@example.com"})
-    async with ea.EngageSession(config) as engage:
+    async with ea.EngageSession(config, clock=clock) as engage:
         await fake.go_down()
         bad = await engage.update_contact(invalid, {"email": "not-an-email"})
         lost = await engage.update_contact(gone, {"firstName": "Ghost"})
         await engage.update_contact(fine, {"firstName": "Fine"})
         await fake.come_up()
     del fake.contacts[gone]
-    async with ea.OutboxFlusher(config) as flusher:
+    async with ea.OutboxFlusher(config, clock=clock) as flusher:
         report = await flusher.flush_once()
 
     assert (1, 2, 0) == (report.updated, report.dead, report.pending)
@@ -619,14 +568,14 @@ async def test_an_update_engage_rejects_is_dead_with_its_reason(
 
 
 async def test_items_a_bulk_batch_rejects_are_dead_one_by_one(
-    fake: FakeEngage, tmp_path: Path
+    fake: FakeEngage, tmp_path: Path, clock: FakeClock
 ) -> None:
     """A bulk create or update item that fails in its batch is dead with the item's code; the
     other items of the same batches are applied.
     """
     config = flusher_config(fake, tmp_path, bulk_threshold=3)
     known = [fake.add_contact({"email": f"k{i}@example.com"}) for i in range(3)]
-    async with ea.EngageSession(config) as engage:
+    async with ea.EngageSession(config, clock=clock) as engage:
         for guid in known:
             await engage.get_contact(guid)  # their type is known: their updates go in bulk
         await fake.go_down()
@@ -636,7 +585,7 @@ async def test_items_a_bulk_batch_rejects_are_dead_one_by_one(
         wrong = await engage.update_contact(known[1], {"email": "nope"})
         await engage.update_contact(known[2], {"firstName": "Ok"})
         await fake.come_up()
-        async with ea.OutboxFlusher(config) as flusher:
+        async with ea.OutboxFlusher(config, clock=clock) as flusher:
             report = await flusher.flush_once()
         for index, delivery in enumerate(good):
             guid = one_id(fake, f"g{index}@example.com")
@@ -657,19 +606,19 @@ async def test_items_a_bulk_batch_rejects_are_dead_one_by_one(
 
 
 async def test_several_contacts_with_the_key_dead_letter_the_create_with_their_ids(
-    fake: FakeEngage, tmp_path: Path
+    fake: FakeEngage, tmp_path: Path, clock: FakeClock
 ) -> None:
     """Several contacts have the key: the create meets 409, and its lookup MultipleMatches:
     dead, naming the candidates; no contact created.
     """
     config = flusher_config(fake, tmp_path)
-    async with ea.EngageSession(config) as engage:
+    async with ea.EngageSession(config, clock=clock) as engage:
         await fake.go_down()
         queued = await engage.create_contact({"email": "dup@example.com"})
         first = fake.add_contact({"email": "dup@example.com"})
         second = fake.add_contact({"email": "dup@example.com"})
         await fake.come_up()
-    async with ea.OutboxFlusher(config) as flusher:
+    async with ea.OutboxFlusher(config, clock=clock) as flusher:
         report = await flusher.flush_once()
 
     assert (1, 0) == (report.dead, report.pending)
@@ -683,13 +632,13 @@ async def test_several_contacts_with_the_key_dead_letter_the_create_with_their_i
 
 
 async def test_a_dead_create_takes_the_changes_waiting_on_it_along(
-    fake: FakeEngage, tmp_path: Path
+    fake: FakeEngage, tmp_path: Path, clock: FakeClock
 ) -> None:
     """A create Engage rejects (422) is dead, and so are the type change and update queued on
     its ref, each with error code CreateDead and a reason naming the create.
     """
     config = flusher_config(fake, tmp_path)
-    async with ea.EngageSession(config) as engage:
+    async with ea.EngageSession(config, clock=clock) as engage:
         await fake.go_down()
         create = await engage.create_contact(
             {"email": "doomed@example.com", "mobilePhone": "0"}, contact_type="Contact"
@@ -697,7 +646,7 @@ async def test_a_dead_create_takes_the_changes_waiting_on_it_along(
         promote = await engage.promote_to_member(create.ref or "")
         update = await engage.update_contact(create.ref or "", {"firstName": "Never"})
         await fake.come_up()
-        async with ea.OutboxFlusher(config) as flusher:
+        async with ea.OutboxFlusher(config, clock=clock) as flusher:
             report = await flusher.flush_once()
         assert await engage.resolve(create.ref or "") is None
 
@@ -717,13 +666,15 @@ async def test_a_dead_create_takes_the_changes_waiting_on_it_along(
     assert (3, 0) == (report.dead, report.pending)
 
 
-async def test_a_flusher_is_used_only_while_open(fake: FakeEngage, tmp_path: Path) -> None:
+async def test_a_flusher_is_used_only_while_open(
+    fake: FakeEngage, tmp_path: Path, clock: FakeClock
+) -> None:
     """flush_once before `open` or after `close` is a RuntimeError; a closed flusher cannot
     be opened again; closing twice is harmless.
     """
     config = flusher_config(fake, tmp_path)
     await create_outbox(config.outbox_path)
-    flusher = ea.OutboxFlusher(config)
+    flusher = ea.OutboxFlusher(config, clock=clock)
     with pytest.raises(RuntimeError, match="not open"):
         await flusher.flush_once()
     async with flusher:
@@ -739,18 +690,22 @@ async def test_a_flusher_is_used_only_while_open(fake: FakeEngage, tmp_path: Pat
 
 
 async def test_a_started_flusher_drains_what_the_session_queues_without_being_asked(
-    fake: FakeEngage, tmp_path: Path
+    fake: FakeEngage, tmp_path: Path, clock: FakeClock
 ) -> None:
     """`start()` runs the flusher in the app's loop; the session's enqueue wakes it.
 
-    The poll interval is long, so only the wake-up can explain the delivery; the background
-    task ends with the `async with` block.
+    The poll interval never runs out on the test's clock, so only the wake-up can explain the
+    delivery; the background task ends with the `async with` block.
     """
-    config = flusher_config(fake, tmp_path, poll_interval=30.0)
+    config = flusher_config(fake, tmp_path)
     guid = fake.add_contact({"email": "app@example.com"})
-    async with ea.EngageSession(config) as engage, ea.OutboxFlusher(config) as flusher:
+    async with (
+        ea.EngageSession(config, clock=clock) as engage,
+        ea.OutboxFlusher(config, clock=clock) as flusher,
+    ):
         task = flusher.start()
-        await asyncio.sleep(0.05)  # the first, empty flush is over; it now sleeps
+        # The first, empty flush is over; it now waits a poll interval, which never ends.
+        await clock.until_sleeping(config.poll_interval)
         fake.inject("server_error", method="PATCH", status=503, times=config.retry_attempts)
         queued = await engage.update_contact(guid, {"firstName": "Queued"})
         assert queued.queued

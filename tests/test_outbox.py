@@ -7,18 +7,16 @@ Outbox's own connection, since a second connection would only show its own.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import sqlite3
 import stat
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import make_config
+from helpers import FakeClock, make_config, new_guid, outbox_rows
 
 import engage_async as ea
 from engage_async._outbox import SqliteOutbox as Outbox
@@ -46,20 +44,9 @@ def pragma(path: Path, name: str) -> Any:
         return conn.execute(f"PRAGMA {name}").fetchone()[0]
 
 
-def outbox_rows(path: Path) -> list[dict[str, Any]]:
-    """Every row of ``changes``, in seq order, read through a second connection."""
-    with connect(path) as conn:
-        return [dict(row) for row in conn.execute("SELECT * FROM changes ORDER BY seq")]
-
-
 def mode_of(path: Path) -> int:
     """The file's permission bits."""
     return stat.S_IMODE(path.stat().st_mode)
-
-
-def new_guid() -> str:
-    """A contact id Engage has never seen."""
-    return str(uuid.uuid4())
 
 
 @contextlib.asynccontextmanager
@@ -100,6 +87,21 @@ async def down_fixture(fake: FakeEngage) -> FakeEngage:
     """`fake`, refusing connections."""
     await fake.go_down()
     return fake
+
+
+@pytest.fixture(name="clock")
+def clock_fixture() -> FakeClock:
+    """The session's clock: its retries pass at once."""
+    return FakeClock()
+
+
+@pytest.fixture(name="session")
+async def session_fixture(
+    config: ea.EngageConfig, clock: FakeClock
+) -> AsyncIterator[ea.EngageSession]:
+    """An open EngageSession on `config` and the test's clock."""
+    async with ea.EngageSession(config, clock=clock) as session:
+        yield session
 
 
 # --- the file ---------------------------------------------------------------------------------
@@ -180,10 +182,10 @@ async def test_existing_readable_outbox_is_tightened(path: Path) -> None:
         assert 0o600 == mode_of(path)
 
 
-async def test_reopening_keeps_the_rows(down: FakeEngage, tmp_path: Path) -> None:
+async def test_reopening_keeps_the_rows(down: FakeEngage, tmp_path: Path, clock: FakeClock) -> None:
     """An outbox closed and opened again is accepted as ours, its rows intact."""
     config = make_config(down.url, down.api_key, tmp_path)
-    async with ea.EngageSession(config) as session:
+    async with ea.EngageSession(config, clock=clock) as session:
         delivery = await session.update_contact_type(new_guid(), "Contact")
 
     async with opened(config.outbox_path):
@@ -260,7 +262,9 @@ async def test_missing_directory_is_refused(tmp_path: Path) -> None:
         await Outbox.open(tmp_path / "nowhere" / "outbox.sqlite3")
 
 
-async def test_api_key_never_reaches_the_file(down: FakeEngage, tmp_path: Path) -> None:
+async def test_api_key_never_reaches_the_file(
+    down: FakeEngage, tmp_path: Path, clock: FakeClock
+) -> None:
     """The API key is in no byte of the outbox, its WAL or its shared memory, while open or
     after close, whatever was queued.
     """
@@ -269,7 +273,7 @@ async def test_api_key_never_reaches_the_file(down: FakeEngage, tmp_path: Path) 
     path = config.outbox_path
     files = [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
 
-    async with ea.EngageSession(config) as session:
+    async with ea.EngageSession(config, clock=clock) as session:
         created = await session.create_contact({"email": "ann@example.com", "firstName": "Ann"})
         assert created.ref is not None
         await session.update_contact(created.ref, {"lastName": "Berg"})
@@ -415,25 +419,25 @@ async def test_contact_type_change_after_queued_create_is_a_barrier(
     assert update.change_id == rows[2]["change_id"]
 
 
-def lease(path: Path, change_id: str) -> None:
-    """Mark a row as claimed by a flusher, the way a claim would."""
+def lease(path: Path, change_id: str, until: float) -> None:
+    """Mark a row as claimed by a flusher until `until`, the way a claim would."""
     with contextlib.closing(sqlite3.connect(path)) as conn:
         conn.execute(
             "UPDATE changes SET state = 'inflight', lease_owner = 'test-flusher', "
-            "lease_until = strftime('%s', 'now') + 600 WHERE change_id = ?",
-            (change_id,),
+            "lease_until = ? WHERE change_id = ?",
+            (until, change_id),
         )
         conn.commit()
 
 
 async def test_inflight_update_is_never_merged_into(
-    down: FakeEngage, session: ea.EngageSession, config: ea.EngageConfig
+    down: FakeEngage, session: ea.EngageSession, config: ea.EngageConfig, clock: FakeClock
 ) -> None:
     """A leased update may be on the wire: a new update gets a row of its own behind it."""
     guid = new_guid()
     first = await session.update_contact(guid, {"firstName": "Ann"})
     assert first.change_id is not None
-    lease(config.outbox_path, first.change_id)
+    lease(config.outbox_path, first.change_id, clock.wall() + 600)
 
     second = await session.update_contact(guid, {"firstName": "Anna"})
 
@@ -445,13 +449,13 @@ async def test_inflight_update_is_never_merged_into(
 
 
 async def test_inflight_create_is_never_folded_into(
-    down: FakeEngage, session: ea.EngageSession, config: ea.EngageConfig
+    down: FakeEngage, session: ea.EngageSession, config: ea.EngageConfig, clock: FakeClock
 ) -> None:
     """A leased create keeps its body; an update of its ref becomes a row behind it."""
     created = await session.create_contact({"email": "ann@example.com"})
     assert created.ref is not None
     assert created.change_id is not None
-    lease(config.outbox_path, created.change_id)
+    lease(config.outbox_path, created.change_id, clock.wall() + 600)
 
     update = await session.update_contact(created.ref, {"firstName": "Ann"})
 
@@ -490,11 +494,11 @@ def ttl_config_fixture(fake: FakeEngage, tmp_path: Path) -> ea.EngageConfig:
 
 
 async def test_find_contact_id_answers_from_the_map(
-    fake: FakeEngage, ttl_config: ea.EngageConfig
+    fake: FakeEngage, ttl_config: ea.EngageConfig, clock: FakeClock
 ) -> None:
     """Within identity_ttl, a second lookup of the same key sends no request."""
     guid = fake.add_contact({"email": "ann@example.com"})
-    async with ea.EngageSession(ttl_config) as session:
+    async with ea.EngageSession(ttl_config, clock=clock) as session:
         first = await session.find_contact_id(email="ann@example.com", contact_type="Member")
         asked = len(fake.requests)
         second = await session.find_contact_id(email="ANN@example.com ", contact_type="member")
@@ -503,30 +507,39 @@ async def test_find_contact_id_answers_from_the_map(
 
 
 async def test_identity_map_outlives_the_session(
-    fake: FakeEngage, ttl_config: ea.EngageConfig
+    fake: FakeEngage, ttl_config: ea.EngageConfig, clock: FakeClock
 ) -> None:
     """A lookup cached by one session answers the next one (it is in the file)."""
     guid = fake.add_contact({"email": "ann@example.com"})
-    async with ea.EngageSession(ttl_config) as session:
+    async with ea.EngageSession(ttl_config, clock=clock) as session:
         await session.find_contact_id(email="ann@example.com")
     fake.clear_requests()
 
-    async with ea.EngageSession(ttl_config) as session:
+    async with ea.EngageSession(ttl_config, clock=clock) as session:
         again = await session.find_contact_id(email="ann@example.com")
 
     assert (guid, []) == (again, fake.requests)
 
 
-async def test_find_contact_id_asks_again_after_the_ttl(fake: FakeEngage, tmp_path: Path) -> None:
+async def test_find_contact_id_asks_again_after_the_ttl(
+    fake: FakeEngage, ttl_config: ea.EngageConfig, clock: FakeClock
+) -> None:
     """An identity older than identity_ttl is not trusted: Engage is asked again."""
-    config = make_config(fake.url, fake.api_key, tmp_path, identity_ttl=0.05)
     guid = fake.add_contact({"email": "ann@example.com"})
-    async with ea.EngageSession(config) as session:
+    async with ea.EngageSession(ttl_config, clock=clock) as session:
         await session.find_contact_id(email="ann@example.com")
-        await asyncio.sleep(0.2)
-        again = await session.find_contact_id(email="ann@example.com")
+        clock.advance(ttl_config.identity_ttl - 1)
+        within = await session.find_contact_id(email="ann@example.com")
+        asked_within = len(fake.requests_to("GET", "/api/v3/contacts/id"))
+        clock.advance(2)
+        after = await session.find_contact_id(email="ann@example.com")
 
-    assert (guid, 2) == (again, len(fake.requests_to("GET", "/api/v3/contacts/id")))
+    assert (guid, 1, guid, 2) == (
+        within,
+        asked_within,
+        after,
+        len(fake.requests_to("GET", "/api/v3/contacts/id")),
+    )
 
 
 async def test_resolve_after_delivered_create(fake: FakeEngage, session: ea.EngageSession) -> None:

@@ -13,49 +13,54 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from helpers import make_config
+from helpers import CONTACTS, LOOKUP, FakeClock, make_config, new_guid, outbox_rows, row_of
 
 import engage_async as ea
+from engage_async._clock import SYSTEM_CLOCK
 from engage_async.testing import FakeEngage
 
 SCRIPTS = Path(__file__).parent / "scripts"
-CONTACTS = "/api/v3/contacts"
-LOOKUP = "/api/v3/contacts/id"
 ONE_CONTACT = "/api/v3/contacts/*"
+# Faults that hold a real socket: only the real clock runs out the deadline meanwhile.
+HOLDING_FAULTS = {"hang", "slow"}
 
 
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def outbox_rows(path: Path) -> list[dict[str, Any]]:
-    """Every row of ``changes``, in seq order, read through a connection of our own."""
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        conn.row_factory = sqlite3.Row
-        return [dict(row) for row in conn.execute("SELECT * FROM changes ORDER BY seq")]
-
-
-def row_of(path: Path, change_id: str) -> dict[str, Any] | None:
-    """The row holding `change_id`, read through a connection of our own, or None."""
-    found = [row for row in outbox_rows(path) if row["change_id"] == change_id]
-    return found[0] if found else None
-
-
-def new_guid() -> str:
-    """A contact id Engage has never seen."""
-    return str(uuid.uuid4())
-
-
 def paths(fake: FakeEngage) -> list[tuple[str, str]]:
     """(method, path) of every request that reached `fake`, in order."""
     return [(request.method, request.path) for request in fake.requests]
+
+
+@pytest.fixture(name="clock")
+def clock_fixture() -> FakeClock:
+    """The session's clock: its retries pass at once."""
+    return FakeClock()
+
+
+@pytest.fixture(name="session")
+async def session_fixture(
+    config: ea.EngageConfig, clock: FakeClock
+) -> AsyncIterator[ea.EngageSession]:
+    """An open EngageSession on `config` and the test's clock."""
+    async with ea.EngageSession(config, clock=clock) as session:
+        yield session
+
+
+@pytest.fixture(name="real_time_session")
+async def real_time_session_fixture(config: ea.EngageConfig) -> AsyncIterator[ea.EngageSession]:
+    """An open EngageSession on `config` and the real clock, for a fault that holds a socket
+    open: the interactive deadline then bounds the real time the request takes.
+    """
+    async with ea.EngageSession(config) as session:
+        yield session
 
 
 @pytest.fixture(name="down")
@@ -110,15 +115,18 @@ async def test_update_queued_when_engage_is_down(
 async def test_update_queued_on_fault(
     fake: FakeEngage,
     known: str,
-    session: ea.EngageSession,
     config: ea.EngageConfig,
+    clock: FakeClock,
     kind: Any,
     options: dict[str, Any],
 ) -> None:
     """No usable answer to a PATCH (every fault of that family) queues it, on disk."""
     fake.inject(kind, method="PATCH", **options)
 
-    delivery = await session.update_contact(known, {"firstName": "Changed"})
+    async with ea.EngageSession(
+        config, clock=SYSTEM_CLOCK if kind in HOLDING_FAULTS else clock
+    ) as session:
+        delivery = await session.update_contact(known, {"firstName": "Changed"})
 
     assert (True, known) == (delivery.queued, delivery.contact_id)
     assert delivery.change_id is not None
@@ -277,12 +285,12 @@ async def test_create_queued_when_down_is_not_looked_up_first(
 
 
 async def test_create_hanging_after_post_is_queued_with_lookup_first(
-    fake: FakeEngage, session: ea.EngageSession, config: ea.EngageConfig
+    fake: FakeEngage, real_time_session: ea.EngageSession, config: ea.EngageConfig
 ) -> None:
     """The POST went out and hung: the outcome is unknown, so the row says look up first."""
     fake.inject("hang", method="POST", path=CONTACTS)
 
-    delivery = await session.create_contact({"email": "new@example.com"})
+    delivery = await real_time_session.create_contact({"email": "new@example.com"})
 
     assert delivery.queued
     assert delivery.change_id is not None
@@ -332,7 +340,7 @@ async def test_create_with_lost_reply_found_by_lookup_is_not_queued(
 
 
 async def test_create_refused_at_connect_after_lookup_is_queued_without_lookup_first(
-    fake: FakeEngage, config: ea.EngageConfig
+    fake: FakeEngage, config: ea.EngageConfig, clock: FakeClock
 ) -> None:
     """The lookup said 404, then every POST was refused at connect: nothing can have been
     created, so the queued create may be sent without a lookup.
@@ -353,7 +361,7 @@ async def test_create_refused_at_connect_after_lookup_is_queued_without_lookup_f
         aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(force_close=True), trace_configs=[trace]
         ) as http,
-        ea.EngageSession(config, http=http) as session,
+        ea.EngageSession(config, http=http, clock=clock) as session,
     ):
         delivery = await session.create_contact({"email": "new@example.com"})
 
@@ -386,25 +394,28 @@ async def test_create_rolled_back_by_engage_is_queued_without_lookup_first(
 
 @pytest.mark.parametrize("write", ["update", "create", "contact_type"])
 async def test_deadline_holds_against_a_hang(
-    fake: FakeEngage, known: str, session: ea.EngageSession, config: ea.EngageConfig, write: str
+    fake: FakeEngage,
+    known: str,
+    real_time_session: ea.EngageSession,
+    config: ea.EngageConfig,
+    write: str,
 ) -> None:
     """Against an Engage that never answers, a write comes back queued, not stuck.
 
-    The bound is loose (3x the deadline) on purpose: it catches a hang, not a slow machine.
+    The hang holds a real socket, so the deadline is on the real clock; the bound is loose
+    (3x the deadline) on purpose: it catches a hang, not a slow machine.
     """
     fake.inject("hang")
+    session = real_time_session
     calls: dict[str, Callable[[], Awaitable[ea.Delivery]]] = {
         "update": lambda: session.update_contact(known, {"firstName": "Changed"}),
         "create": lambda: session.create_contact({"email": "new@example.com"}),
         "contact_type": lambda: session.update_contact_type(known, "Contact"),
     }
 
-    started = time.monotonic()
-    delivery = await asyncio.wait_for(calls[write](), timeout=30 * config.interactive_deadline)
-    elapsed = time.monotonic() - started
+    delivery = await asyncio.wait_for(calls[write](), timeout=3 * config.interactive_deadline)
 
     assert delivery.queued
-    assert elapsed < 3 * config.interactive_deadline
 
 
 # --- the circuit breaker ----------------------------------------------------------------------
@@ -417,11 +428,11 @@ def breaker_config_fixture(fake: FakeEngage, tmp_path: Path) -> ea.EngageConfig:
 
 
 async def test_open_circuit_queues_without_a_request(
-    fake: FakeEngage, breaker_config: ea.EngageConfig
+    fake: FakeEngage, breaker_config: ea.EngageConfig, clock: FakeClock
 ) -> None:
     """After `breaker_threshold` failures, writes are queued without touching Engage."""
     fake.inject("server_error")
-    async with ea.EngageSession(breaker_config) as session:
+    async with ea.EngageSession(breaker_config, clock=clock) as session:
         await session.update_contact(new_guid(), {"firstName": "Opens"})
         seen = len(fake.requests)
         assert breaker_config.breaker_threshold == seen
@@ -443,21 +454,21 @@ async def test_open_circuit_queues_without_a_request(
 # Retry waits stay far below the cool-down, so a failed probe's retries meet an open circuit.
 PROBE_SETTINGS: dict[str, Any] = {
     "breaker_threshold": 3,
-    "breaker_cooldown": 0.3,
+    "breaker_cooldown": 30.0,
     "retry_initial_delay": 0.001,
     "retry_max_delay": 0.002,
 }
 
 
 async def test_after_cooldown_one_probe_goes_out_and_success_closes(
-    fake: FakeEngage, known: str, tmp_path: Path
+    fake: FakeEngage, known: str, tmp_path: Path, clock: FakeClock
 ) -> None:
     """Once the cool-down has passed, one request probes; its success closes the circuit."""
     config = make_config(fake.url, fake.api_key, tmp_path, **PROBE_SETTINGS)
     fake.inject("server_error", times=3)
-    async with ea.EngageSession(config) as session:
+    async with ea.EngageSession(config, clock=clock) as session:
         await session.update_contact(new_guid(), {"firstName": "Opens"})
-        await asyncio.sleep(config.breaker_cooldown * 1.5)
+        clock.advance(config.breaker_cooldown + 0.001)  # a little more: the retries' jitter
         before = len(fake.requests)
 
         probe = await session.update_contact(known, {"firstName": "Probe"})
@@ -468,13 +479,15 @@ async def test_after_cooldown_one_probe_goes_out_and_success_closes(
     assert "Closed" == fake.contacts[known].attributes["lastName"]
 
 
-async def test_failed_probe_sends_one_request_and_reopens(fake: FakeEngage, tmp_path: Path) -> None:
+async def test_failed_probe_sends_one_request_and_reopens(
+    fake: FakeEngage, tmp_path: Path, clock: FakeClock
+) -> None:
     """A probe that fails reopens the circuit: one request went out, the write is queued."""
     config = make_config(fake.url, fake.api_key, tmp_path, **PROBE_SETTINGS)
     fake.inject("server_error")
-    async with ea.EngageSession(config) as session:
+    async with ea.EngageSession(config, clock=clock) as session:
         await session.update_contact(new_guid(), {"firstName": "Opens"})
-        await asyncio.sleep(config.breaker_cooldown * 1.5)
+        clock.advance(config.breaker_cooldown + 0.001)  # a little more: the retries' jitter
         before = len(fake.requests)
 
         probe = await session.update_contact(new_guid(), {"firstName": "Probe"})
@@ -584,11 +597,13 @@ def write_lock_held(path: Path) -> Iterator[None]:
 
 @pytest.fixture(name="impatient_session")
 async def impatient_session_fixture(
-    down: FakeEngage, tmp_path: Path
+    down: FakeEngage, tmp_path: Path, clock: FakeClock
 ) -> AsyncIterator[ea.EngageSession]:
-    """A session whose outbox waits only 0.2 s for the write lock; Engage is down."""
+    """A session whose outbox waits only 0.2 s (SQLite's own real wait) for the write lock;
+    Engage is down.
+    """
     config = make_config(down.url, down.api_key, tmp_path, busy_timeout=0.2)
-    async with ea.EngageSession(config) as session:
+    async with ea.EngageSession(config, clock=clock) as session:
         yield session
 
 

@@ -13,17 +13,20 @@ import random
 import re
 import signal
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_flusher import (
+from helpers import (
     CONTACTS,
+    FakeClock,
     attribute,
     changes,
     contact_type,
     eventually,
+    execute,
     flusher_config,
     one_id,
 )
@@ -39,6 +42,14 @@ REPORT = re.compile(
 )
 # Startup of a fresh interpreter with aiohttp and lxml is the slow part.
 PROCESS_TIMEOUT = 30.0
+
+
+def queueing_clock() -> FakeClock:
+    """The clock of a session queueing work for a sidecar, which reads the rows on the real
+    clock: it starts at the real time, and the session's retries move it ahead by no more
+    than a few milliseconds, so the rows are due when the sidecar looks.
+    """
+    return FakeClock(wall=time.time())
 
 
 def sidecar_env(fake: FakeEngage, config: ea.EngageConfig, **extra: str) -> dict[str, str]:
@@ -100,7 +111,7 @@ async def test_flush_once_drains_the_outbox_and_prints_the_counts(
     """``flush --once`` sends what is due, prints the report's counts and exits 0."""
     config = flusher_config(fake, tmp_path)
     existing = fake.add_contact({"email": "side@example.com"})
-    async with ea.EngageSession(config) as engage:
+    async with ea.EngageSession(config, clock=queueing_clock()) as engage:
         await fake.go_down()
         await engage.create_contact({"email": "once1@example.com", "firstName": "One"})
         await engage.create_contact({"email": "once2@example.com"}, contact_type="Contact")
@@ -134,7 +145,7 @@ async def test_sigterm_finishes_the_step_in_progress_and_exits_0(
     """
     config = flusher_config(fake, tmp_path)
     guid = fake.add_contact({"email": "term@example.com"})
-    async with ea.EngageSession(config) as engage:
+    async with ea.EngageSession(config, clock=queueing_clock()) as engage:
         await fake.go_down()
         await engage.update_contact(guid, {"firstName": "Finished"})
         await fake.come_up()
@@ -158,15 +169,18 @@ async def test_sigterm_finishes_the_step_in_progress_and_exits_0(
 async def test_sigterm_stops_an_idle_sidecar(fake: FakeEngage, tmp_path: Path) -> None:
     """A sidecar with nothing to do exits 0 on SIGTERM, promptly."""
     config = flusher_config(fake, tmp_path)
-    async with ea.EngageSession(config) as engage:
+    async with ea.EngageSession(config, clock=queueing_clock()) as engage:
         await fake.go_down()
         await engage.create_contact({"email": "idle@example.com"})
         await fake.come_up()
     log = tmp_path / "sidecar.log"
-    process = await start(sidecar_env(fake, config), log)
+    # Once the outbox is drained the sidecar waits a minute for the next poll: only SIGTERM
+    # cutting that wait short makes it exit within the bound below.
+    process = await start(sidecar_env(fake, config, ENGAGE_POLL_INTERVAL="60"), log)
     try:
-        await eventually(lambda: fake.find("email", "idle@example.com"), PROCESS_TIMEOUT)
-        await asyncio.sleep(0.2)  # idle now, between polls
+        await eventually(
+            lambda: ["done"] == [row["state"] for row in changes(config)], PROCESS_TIMEOUT
+        )
         process.send_signal(signal.SIGTERM)
         status = await asyncio.wait_for(process.wait(), 10)
     finally:
@@ -231,7 +245,7 @@ async def _queue_workload(
 async def test_a_sidecar_killed_again_and_again_leaves_engage_exactly_as_expected(
     fake: FakeEngage, tmp_path: Path
 ) -> None:
-    """SIGKILL the sidecar at random moments mid-drain, restart it each time, then drain with
+    """SIGKILL the sidecar at random points mid-drain, restart it each time, then drain with
     ``--once``: every contact exists once, every attribute holds its last written value, every
     type change is applied, and every change ends done.
     """
@@ -239,7 +253,7 @@ async def test_a_sidecar_killed_again_and_again_leaves_engage_exactly_as_expecte
     rng = random.Random(seed)
     config = flusher_config(fake, tmp_path, durability="normal")
     creates, seeded, expected = _build_workload(fake)
-    async with ea.EngageSession(config) as engage:
+    async with ea.EngageSession(config, clock=queueing_clock()) as engage:
         await fake.go_down()
         await _queue_workload(engage, fake, creates, seeded)
         await fake.come_up()
@@ -254,12 +268,13 @@ async def test_a_sidecar_killed_again_and_again_leaves_engage_exactly_as_expecte
 
     left_after_kills = []
     for _ in range(5):
-        seen = len(fake.requests)
+        # Kill it at work, after a random number of its requests reached Engage.
+        kill_after = len(fake.requests) + rng.randint(1, 40)
         process = await start(env, log)
         try:
-            # Kill only once it is at work: at a random moment after its first request.
-            await eventually(lambda seen=seen: len(fake.requests) > seen, PROCESS_TIMEOUT)
-            await asyncio.sleep(rng.uniform(0.0, 0.5))
+            await eventually(
+                lambda kill_after=kill_after: len(fake.requests) >= kill_after, PROCESS_TIMEOUT
+            )
         finally:
             process.kill()
             await process.wait()
@@ -268,15 +283,15 @@ async def test_a_sidecar_killed_again_and_again_leaves_engage_exactly_as_expecte
         )
     context = f"seed {seed}, changes left after each kill: {left_after_kills}"
     assert all(left_after_kills), context
-    # Leases of the killed sidecars run out before the final drain.
-    await asyncio.sleep(0.6)
+    # The killed sidecars' leases run out (they are dead; nobody renews them).
+    execute(config, "UPDATE changes SET lease_until = 0 WHERE lease_owner IS NOT NULL")
+    execute(config, "UPDATE batches SET lease_until = 0 WHERE lease_owner IS NOT NULL")
     for attempt in range(10):
         once_log = tmp_path / f"once{attempt}.log"
         status, counts = await flush_once(env, once_log)
         assert 0 == status, f"{context}: {once_log.read_text(encoding='utf-8')[-3000:]}"
         if counts["pending"] == 0:
             break
-        await asyncio.sleep(0.6)
 
     states = [(row["change_id"], row["state"], row["last_error"]) for row in changes(config)]
     assert [] == [state for state in states if state[1] != "done"], context
