@@ -288,6 +288,9 @@ class EngageConfig:
     breaker_cooldown: float = attrs.field(default=30.0, validator=_positive)
     identity_ttl: float = attrs.field(default=3600.0, validator=_not_negative)
     default_contact_type: str = attrs.field(default="Member", validator=_name)
+    # For tenants with one contact type: the outbox then needs no read to know a contact's
+    # type, and replayed updates go in bulk under it.
+    assume_default_contact_type: bool = attrs.field(default=False, validator=_boolean)
     contact_keys: Mapping[str, str] = attrs.field(
         factory=dict, converter=_frozen_mapping, validator=_contact_keys, hash=False
     )
@@ -458,6 +461,7 @@ _ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "breaker_cooldown": ("ENGAGE_BREAKER_COOLDOWN", _parse_number),
     "identity_ttl": ("ENGAGE_IDENTITY_TTL", _parse_number),
     "default_contact_type": ("ENGAGE_DEFAULT_CONTACT_TYPE", _same),
+    "assume_default_contact_type": ("ENGAGE_ASSUME_DEFAULT_CONTACT_TYPE", _parse_bool),
     "contact_keys": ("ENGAGE_CONTACT_KEYS", _parse_contact_keys),
     "custom_key_attribute": ("ENGAGE_CUSTOM_KEY_ATTRIBUTE", _same),
     "bulk_threshold": ("ENGAGE_BULK_THRESHOLD", _parse_int),

@@ -49,7 +49,7 @@ from ._models import FlushReport
 from ._outbox import SqliteOutbox
 from ._reconciler import Reconciler
 from ._retry import background_delay
-from ._sender import Sender, affordable
+from ._sender import Sender, affordable, assume_type
 from ._sftp import XmlUploader
 from ._store import OutboxStore
 from ._transport import Transport
@@ -410,6 +410,8 @@ class OutboxFlusher:
             run.bulk_backlog = False
             return worked
         run.hold(claimed)
+        if self.config.assume_default_contact_type:
+            claimed = assume_type(claimed, self.config.default_contact_type)
         threshold = self.config.bulk_threshold
         if not run.bulk_backlog:
             backlog = len(claimed)

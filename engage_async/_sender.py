@@ -51,7 +51,7 @@ from ._keys import contact_key
 from ._retry import background_delay
 from ._xml_export import XmlExport
 
-__all__ = ["Routes", "Sender", "affordable", "route"]
+__all__ = ["Routes", "Sender", "affordable", "assume_type", "route"]
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,19 @@ def _own_requests(change: Change, *, bulk: bool) -> int:
     """
     lookup = int(change.operation is Operation.CREATE and change.lookup_first)
     return lookup + int(_goes_alone(change, bulk=bulk))
+
+
+def assume_type(claimed: Sequence[Change], contact_type: str) -> list[Change]:
+    """The claimed changes, updates of a contact whose type the outbox never learned taken to
+    be of `contact_type` (`assume_default_contact_type`: the tenant has no other), so they go
+    in bulk under it.
+    """
+    return [
+        attrs.evolve(change, contact_type=contact_type)
+        if change.operation is Operation.UPDATE and change.contact_type is None
+        else change
+        for change in claimed
+    ]
 
 
 def affordable(

@@ -91,6 +91,46 @@ async def test_bulk_updates_go_under_the_type_the_outbox_learned(
     ]
 
 
+async def test_a_tenant_of_one_contact_type_sends_updates_of_unseen_contacts_in_bulk(
+    fake: FakeEngage, tmp_path: Path
+) -> None:
+    """With `assume_default_contact_type`, updates of contacts the session never read go in
+    one bulk request under the default type; one that turns out to be of another type is
+    dead-lettered with Engage's reason, the others land.
+    """
+    config = flusher_config(fake, tmp_path, assume_default_contact_type=True)
+    members = [fake.add_contact({"email": f"m{i}@example.com"}) for i in range(3)]
+    stray = fake.add_contact({"email": "s@example.com"}, contact_type="Contact")
+    async with ea.EngageSession(config) as engage, outage(fake):
+        for guid in (*members, stray):
+            assert (await engage.update_contact(guid, {"city": "Visby"})).queued
+    fake.clear_requests()
+    async with ea.OutboxFlusher(config) as flusher:
+        report = await flusher.flush_once()
+
+    assert (3, 1, 0) == (report.updated, report.dead, report.pending)
+    assert [("Member", sorted([*members, stray]))] == patches(fake)
+    assert [] == fake.requests_to("PATCH", "/api/v3/contacts/*-*")
+    dead = [row for row in outbox_rows(config.outbox_path) if row["state"] == "dead"]
+    assert [stray] == [row["contact_id"] for row in dead]
+    assert "ContactTypeMismatch" == dead[0]["error_code"]
+    assert ["Visby"] * 3 == [fake.contacts[g].attributes.get("city") for g in members]
+
+
+def test_assume_default_contact_type_is_read_from_the_environment() -> None:
+    """``ENGAGE_ASSUME_DEFAULT_CONTACT_TYPE`` sets it; anything but a boolean word is refused."""
+    base = {
+        "ENGAGE_BASE_URL": "https://x.example",
+        "ENGAGE_API_KEY": "k",
+        "ENGAGE_USER_AGENT": "Shop/1.0",
+    }
+    on = ea.EngageConfig.from_env({**base, "ENGAGE_ASSUME_DEFAULT_CONTACT_TYPE": "true"})
+    assert on.assume_default_contact_type
+    assert not ea.EngageConfig.from_env(base).assume_default_contact_type
+    with pytest.raises(ValueError, match="ENGAGE_ASSUME_DEFAULT_CONTACT_TYPE"):
+        ea.EngageConfig.from_env({**base, "ENGAGE_ASSUME_DEFAULT_CONTACT_TYPE": "maybe"})
+
+
 async def test_updates_to_a_queued_create_go_under_its_type(
     fake: FakeEngage, tmp_path: Path
 ) -> None:
