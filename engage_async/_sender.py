@@ -51,7 +51,15 @@ from ._keys import contact_key
 from ._retry import background_delay
 from ._xml_export import XmlExport
 
-__all__ = ["Routes", "Sender", "affordable", "assume_type", "route"]
+__all__ = [
+    "MAX_BULK_BYTES",
+    "Routes",
+    "Sender",
+    "affordable",
+    "assume_type",
+    "bulk_chunks",
+    "route",
+]
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +125,31 @@ def _own_requests(change: Change, *, bulk: bool) -> int:
     """
     lookup = int(change.operation is Operation.CREATE and change.lookup_first)
     return lookup + int(_goes_alone(change, bulk=bulk))
+
+
+# The most a bulk request's body holds. Engage documents no limit besides 4000 items, but
+# 4000 items of up to 64 KiB each (the payload limit) would be 256 MiB; ASP.NET and IIS refuse
+# bodies over 30,000,000 bytes by default, and a refused body would pause the flushers for
+# ever (a 413 is no verdict on the changes). Typical items are a few hundred bytes.
+MAX_BULK_BYTES = 16 * 2**20
+
+
+def bulk_chunks(sizes: Sequence[int], max_items: int, max_bytes: int) -> list[tuple[int, int]]:
+    """Split items of these encoded sizes into consecutive (start, end) ranges, each at most
+    `max_items` long and at most `max_bytes` as a JSON array (brackets and commas counted);
+    an item larger than `max_bytes` alone goes in a range of its own.
+    """
+    ranges: list[tuple[int, int]] = []
+    start, total = 0, 2
+    for index, size in enumerate(sizes):
+        grown = total + size + (1 if index > start else 0)
+        if index > start and (index - start >= max_items or grown > max_bytes):
+            ranges.append((start, index))
+            start, grown = index, 2 + size
+        total = grown
+    if sizes:
+        ranges.append((start, len(sizes)))
+    return ranges
 
 
 def assume_type(claimed: Sequence[Change], contact_type: str) -> list[Change]:
@@ -432,9 +465,20 @@ class Sender:
             sorted(changes, key=group_of), key=group_of
         ):
             members = list(group)
-            for start in range(0, len(members), self.config.bulk_max_items):
-                chunk = members[start : start + self.config.bulk_max_items]
-                await self._send_chunk(kind, group_type, chunk, run, avoid_export=avoid_export)
+            items = [_http.encode_json(self._bulk_item(kind, c)) for c in members]
+            for start, end in bulk_chunks(
+                [len(item) for item in items], self.config.bulk_max_items, MAX_BULK_BYTES
+            ):
+                body = b"[" + b",".join(items[start:end]) + b"]"
+                await self._send_chunk(
+                    kind, group_type, members[start:end], body, run, avoid_export=avoid_export
+                )
+
+    @staticmethod
+    def _bulk_item(kind: Operation, change: Change) -> dict[str, Any]:
+        if kind is Operation.CREATE:
+            return without_type(change.body or {})
+        return {**(change.body or {}), "contactId": change.contact_id}
 
     def _avoids_export(self, change: Change) -> bool:
         """Whether a queued update keeps its change out of Engage's exports (its own choice,
@@ -450,6 +494,7 @@ class Sender:
         kind: Operation,
         contact_type: str,
         chunk: list[Change],
+        body: bytes,
         run: FlushRun,
         *,
         avoid_export: bool = False,
@@ -460,15 +505,10 @@ class Sender:
             await self._export.write(creates, updates, run)
             return
         if kind is Operation.CREATE:
-            items = [without_type(c.body or {}) for c in chunk]
-            call = _http.bulk_create(self._root, contact_type, _http.encode_json(items))
+            call = _http.bulk_create(self._root, contact_type, body)
         else:
-            items = [{**(c.body or {}), "contactId": c.contact_id} for c in chunk]
             call = _http.bulk_update(
-                self._root,
-                contact_type,
-                _http.encode_json(items),
-                avoid_triggering_export=avoid_export,
+                self._root, contact_type, body, avoid_triggering_export=avoid_export
             )
         await run.about_to_send(chunk)
         try:

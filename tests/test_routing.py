@@ -1,5 +1,6 @@
-"""The flusher's two pure decisions: which way each claimed change goes (`route`), and which
-rows of a finished bulk batch failed (`attribute_failures`).
+"""The flusher's pure decisions: which way each claimed change goes (`route`), how bulk
+items are split into requests (`bulk_chunks`), and which rows of a finished bulk batch failed
+(`attribute_failures`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from typing import Any
 from engage_async._batches import attribute_failures
 from engage_async._changes import Change, Operation, State
 from engage_async._http import BatchStatus, ItemFailure
-from engage_async._sender import route
+from engage_async._sender import MAX_BULK_BYTES, bulk_chunks, route
 
 
 def change(seq: int, operation: Operation = Operation.UPDATE, **fields: Any) -> Change:
@@ -153,3 +154,45 @@ def test_a_create_whose_key_exists_is_sent_again_not_buried() -> None:
     )
 
     assert ({}, {1}) == attribute_failures(rows, status)
+
+
+# --- bulk_chunks ------------------------------------------------------------------------------
+
+
+def _array_bytes(sizes: list[int]) -> int:
+    return 2 + sum(sizes) + max(0, len(sizes) - 1)
+
+
+def test_bulk_chunks_keep_every_item_once_in_order_under_both_limits() -> None:
+    """Ranges cover the items in order, none longer than max_items nor heavier than
+    max_bytes as a JSON array.
+    """
+    sizes = [100, 300, 50, 900, 20, 20, 20, 400, 10, 700]
+    ranges = bulk_chunks(sizes, max_items=3, max_bytes=1000)
+
+    assert [index for start, end in ranges for index in range(start, end)] == list(range(10))
+    assert all(end - start <= 3 for start, end in ranges)
+    assert all(_array_bytes(sizes[start:end]) <= 1000 for start, end in ranges)
+    # Greedy: a range ends only when the next item would break a limit.
+    for start, end in ranges[:-1]:
+        assert end - start == 3 or _array_bytes(sizes[start : end + 1]) > 1000
+
+
+def test_bulk_chunks_count_brackets_and_commas() -> None:
+    """Two items of 4 bytes make ``[aaaa,bbbb]``, 11 bytes: they fit 11, not 10."""
+    assert [(0, 2)] == bulk_chunks([4, 4], max_items=10, max_bytes=11)
+    assert [(0, 1), (1, 2)] == bulk_chunks([4, 4], max_items=10, max_bytes=10)
+
+
+def test_an_item_over_the_byte_limit_goes_alone() -> None:
+    """It cannot be split; sent alone, Engage gives it its own answer."""
+    assert [(0, 1), (1, 2), (2, 3)] == bulk_chunks([5, 50, 5], max_items=10, max_bytes=20)
+    assert [] == bulk_chunks([], max_items=10, max_bytes=20)
+
+
+def test_4000_items_of_the_largest_payload_are_split_under_the_byte_limit() -> None:
+    """The payload limit (64 KiB) times Engage's 4000 items would be 256 MiB in one body."""
+    ranges = bulk_chunks([64 * 1024] * 4000, max_items=4000, max_bytes=MAX_BULK_BYTES)
+
+    assert len(ranges) > 1
+    assert all(_array_bytes([64 * 1024] * (end - start)) <= MAX_BULK_BYTES for start, end in ranges)
