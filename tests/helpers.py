@@ -76,3 +76,49 @@ class FakeClock:
     def jump_wall(self, seconds: float) -> None:
         """Set the wall clock `seconds` ahead (negative: back); the monotonic one stays."""
         self._wall += seconds
+
+
+# --- subprocesses (test_budget, test_deployment) -------------------------------------------
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+async def start_script(
+    script: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    log: Path | None = None,
+) -> asyncio.subprocess.Process:
+    """Start a Python script of ours with pipes for stdin and stdout; stderr goes to `log`
+    (appended), or stays the test's own.
+    """
+    import sys  # here, so that this block stays apart from the imports others edit
+
+    with contextlib.ExitStack() as stack:
+        stderr = stack.enter_context(log.open("ab")) if log is not None else None
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(script),
+            *args,
+            env=env,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=stderr,
+        )
+
+
+async def read_line(process: asyncio.subprocess.Process, timeout: float) -> str:
+    """The next line the process prints, stripped; fails on end of output or after `timeout`."""
+    assert process.stdout is not None
+    line = await asyncio.wait_for(process.stdout.readline(), timeout)
+    if not line:
+        raise AssertionError(f"the process ended (status {await process.wait()}) without a line")
+    return line.decode().strip()
+
+
+async def stop_process(process: asyncio.subprocess.Process) -> None:
+    """Kill the process if it still runs, and reap it (a test's `finally`)."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
