@@ -31,6 +31,9 @@ from ._errors import (
     OutboxError,
     PayloadError,
     RateLimited,
+    SftpError,
+    SftpRefused,
+    SftpUnavailable,
     UnexpectedResponse,
 )
 from ._flusher import OutboxFlusher
@@ -54,7 +57,7 @@ from ._models import (
 )
 from ._session import EngageSession
 from ._wire import CLEAR
-from .admin import OutboxAdmin, OutboxEntry, OutboxStats
+from .admin import OutboxAdmin, OutboxEntry, OutboxStats, SalvageReport
 
 try:
     __version__ = _version("engage-async")
@@ -110,6 +113,10 @@ __all__ = [
     "RateLimited",
     "RedemptionChannel",
     "RewardVoucher",
+    "SalvageReport",
+    "SftpError",
+    "SftpRefused",
+    "SftpUnavailable",
     "Store",
     "Tiers",
     "Transaction",

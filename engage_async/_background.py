@@ -17,6 +17,7 @@ from ._config import EngageConfig
 from ._errors import (
     ContactNotFound,
     EngageAuthError,
+    EngageConfigurationError,
     EngageHTTPError,
     EngageServerError,
     EngageUnavailable,
@@ -40,13 +41,14 @@ class Outage(Exception):
         reason: str,
         retry_after: float | None = None,
         *,
-        refused_key: EngageAuthError | None = None,
+        config_problem: EngageAuthError | EngageConfigurationError | None = None,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
-        # Engage refused the API key: no waiting fixes that, so flush_once says so.
-        self.refused_key = refused_key
+        # Engage refused the API key, or reports its tenant misconfigured: no waiting fixes
+        # that, so flush_once says so.
+        self.config_problem = config_problem
 
 
 class BackgroundCalls:
@@ -94,9 +96,9 @@ class BackgroundCalls:
         """An error answer that says "not now" rather than "not this"."""
         if isinstance(exc, RateLimited):
             return Outage(str(exc), exc.retry_after)
-        if isinstance(exc, EngageAuthError):
-            # A configuration problem: wait long, someone has to fix the key.
-            return Outage(str(exc), self.config.background_delays[-1], refused_key=exc)
+        if isinstance(exc, EngageAuthError | EngageConfigurationError):
+            # A configuration problem: wait long, someone has to fix the key or the tenant.
+            return Outage(str(exc), self.config.background_delays[-1], config_problem=exc)
         return Outage(str(exc))
 
     async def lookup(self, change: Change, run: FlushRun) -> str | None:

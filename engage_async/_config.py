@@ -90,6 +90,11 @@ def _number(attribute: attrs.Attribute[Any], value: Any) -> float:
     return float(value)
 
 
+def _boolean(_: Any, attribute: attrs.Attribute[bool], value: bool) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{attribute.name}: must be True or False")
+
+
 def _positive(_: Any, attribute: attrs.Attribute[float], value: float) -> None:
     if not _number(attribute, value) > 0:
         raise ValueError(f"{attribute.name}: must be greater than 0")
@@ -300,6 +305,7 @@ class EngageConfig:
     poll_interval: float = attrs.field(default=1.0, validator=_positive)
     keep_done: float = attrs.field(default=7 * 86400.0, validator=_not_negative)
     shutdown_timeout: float = attrs.field(default=5.0, validator=_positive)
+    avoid_triggering_export: bool = attrs.field(default=False, validator=_boolean)
     # Engage's largest answers (a bulk status listing failures of 4000 items, a page of 100
     # transactions with their lines) are a few MB at most; more is not an answer from Engage.
     max_answer_bytes: int = attrs.field(default=8 * 1024 * 1024, validator=_whole(64 * 1024))
@@ -390,6 +396,15 @@ _SFTP_UNSET: dict[str, Any] = {
 }
 
 
+def _parse_bool(raw: str) -> bool:
+    word = raw.strip().lower()
+    if word in {"1", "true", "yes", "on"}:
+        return True
+    if word in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError("must be true or false")
+
+
 def _parse_number(raw: str) -> float:
     try:
         return float(raw)
@@ -456,6 +471,7 @@ _ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "poll_interval": ("ENGAGE_POLL_INTERVAL", _parse_number),
     "keep_done": ("ENGAGE_KEEP_DONE", _parse_number),
     "shutdown_timeout": ("ENGAGE_SHUTDOWN_TIMEOUT", _parse_number),
+    "avoid_triggering_export": ("ENGAGE_AVOID_TRIGGERING_EXPORT", _parse_bool),
     "max_answer_bytes": ("ENGAGE_MAX_ANSWER_BYTES", _parse_int),
     "sftp_host": ("ENGAGE_SFTP_HOST", _same),
     "sftp_port": ("ENGAGE_SFTP_PORT", _parse_int),

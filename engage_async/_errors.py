@@ -26,6 +26,9 @@ rejected request from an unreachable server::
     ├── PayloadError                 bad input, caught before anything is sent (a ValueError)
     │   └── EmptyValueError          a None or "" that would wipe data on Engage
     ├── OutboxError                  the outbox could not be written: nothing was kept
+    ├── SftpError                    uploading XML files failed; they stay in xml_dir
+    │   ├── SftpUnavailable          the server could not be reached (retried, then raised)
+    │   └── SftpRefused              host key, login or rights refused: configuration
     └── ChangeNotFound               no such outbox change (a LookupError)
 
 Only Engage's documented verdicts are about the request itself (400, 404, 409, 422 with
@@ -69,6 +72,9 @@ __all__ = [
     "OutboxError",
     "PayloadError",
     "RateLimited",
+    "SftpError",
+    "SftpRefused",
+    "SftpUnavailable",
     "UnexpectedResponse",
 ]
 
@@ -254,6 +260,25 @@ class OutboxError(EngageError):
 
 class ChangeNotFound(EngageError, LookupError):
     """No outbox change has that id."""
+
+
+class SftpError(EngageError):
+    """Uploading XML files to Engage's SFTP server failed; the files stay in `xml_dir`."""
+
+
+class SftpUnavailable(SftpError):
+    """The SFTP server could not be reached, or dropped the connection, on every attempt.
+
+    Nothing is lost: the files not yet renamed on the server stay in `xml_dir` and the next
+    `XmlUploader.upload_pending` sends them.
+    """
+
+
+class SftpRefused(SftpError):
+    """The server's host key, the login or the rights were refused: a configuration problem.
+
+    Never retried, since waiting does not fix it; the message names the setting to check.
+    """
 
 
 def _rebuild(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> Any:

@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 import uuid
+import warnings
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self
@@ -33,7 +34,15 @@ from ._batches import BatchFollower
 from ._budget import Priority
 from ._clock import SYSTEM_CLOCK, Clock, wait_for_event
 from ._config import EngageConfig
-from ._errors import EngageAuthError, OutboxError, UnexpectedResponse
+from ._errors import (
+    EngageAuthError,
+    EngageConfigurationError,
+    OutboxError,
+    SftpError,
+    SftpRefused,
+    SftpUnavailable,
+    UnexpectedResponse,
+)
 from ._flush_run import FlushRun, Stopped
 from ._lifecycle import Lifecycle
 from ._models import FlushReport
@@ -41,6 +50,7 @@ from ._outbox import SqliteOutbox
 from ._reconciler import Reconciler
 from ._retry import background_delay
 from ._sender import Sender, affordable
+from ._sftp import XmlUploader
 from ._store import OutboxStore
 from ._transport import Transport
 from ._xml_export import XmlExport
@@ -50,6 +60,8 @@ __all__ = ["OutboxFlusher"]
 log = logging.getLogger(__name__)
 
 _PRUNE_EVERY = 3600.0
+# How often a running flusher looks for XML files to upload when none were just written.
+_UPLOAD_EVERY = 300.0
 
 
 class OutboxFlusher:
@@ -78,7 +90,8 @@ class OutboxFlusher:
         calls = BackgroundCalls(config, self._transport)
         self._batches = BatchFollower(config, calls)
         self._reconciler = Reconciler(config, calls)
-        self._sender = Sender(config, calls, XmlExport(config))
+        self._export = XmlExport(config)
+        self._sender = Sender(config, calls, self._export)
         self._store: OutboxStore | None = None
         self._lifecycle = Lifecycle("OutboxFlusher")
         self._wake = asyncio.Event()
@@ -87,12 +100,21 @@ class OutboxFlusher:
         self._unsubscribe: Callable[[], None] | None = None
         self._flushing = asyncio.Lock()
         self._run: FlushRun | None = None
+        # XML files to Engage's SFTP server, when one is configured (`engage_async._sftp`).
+        self._uploader: XmlUploader | None = None
+        self._files_written = asyncio.Event()
         self._last_prune: float | None = None
 
     def __repr__(self) -> str:
         return f"<OutboxFlusher {self.owner} {self._lifecycle.state}>"
 
     # --- lifecycle -----------------------------------------------------------------------------
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        # Never raises and never touches the event loop: it may run at exit, or in any thread.
+        lifecycle = getattr(self, "_lifecycle", None)
+        if lifecycle is not None and lifecycle.state == "open":
+            _warn(f"unclosed {self!r}: use `async with`", ResourceWarning, source=self)
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -111,7 +133,9 @@ class OutboxFlusher:
 
         Raises:
             RuntimeError: opened before.
-            OutboxError: the outbox file cannot be used.
+            OutboxError: the outbox file cannot be used, or there is none: only an
+                `EngageSession` creates one (a flusher started in the wrong directory must not
+                drain an empty outbox of its own while the app's changes wait).
         """
         self._lifecycle.opening()
         self._store = await SqliteOutbox.open(
@@ -119,9 +143,18 @@ class OutboxFlusher:
             busy_timeout=self.config.busy_timeout,
             durability=self.config.durability,
             clock=self._clock,
+            create=False,
         )
         self._unsubscribe = self._store.subscribe(self._wake.set)
-        self._transport.open()
+        try:
+            if self.config.sftp_enabled:
+                # Built now, so a missing `sftp` extra fails at start-up, not at the first file.
+                self._uploader = XmlUploader(self.config, sleep=self._clock.sleep)
+            await self._store.register(self.owner)
+            self._transport.open()
+        except BaseException:
+            await self._store.close()
+            raise
         self._lifecycle.opened()
 
     async def close(self) -> None:
@@ -145,6 +178,8 @@ class OutboxFlusher:
             if self._unsubscribe is not None:
                 self._unsubscribe()
             if self._store is not None:
+                with contextlib.suppress(OutboxError):
+                    await self._store.unregister(self.owner)
                 await self._store.close()
         finally:
             await self._transport.close()
@@ -187,21 +222,27 @@ class OutboxFlusher:
         self._ready()
         self._stopping = False
         restore = self._handle_signals() if handle_signals else None
+        # Files go up in a task of their own: an SFTP outage must not hold up the API replay.
+        uploads = (
+            asyncio.create_task(self._upload_loop(), name=f"engage-sftp {self.owner}")
+            if self._uploader is not None
+            else None
+        )
         try:
             while not self._stopping:
                 wait = self.config.poll_interval
                 # Cleared before the flush, so an enqueue during it wakes the next one.
                 self._wake.clear()
                 try:
-                    await self.flush_once(wait_for_batches=False)
+                    await self.flush_once(wait_for_batches=False, upload=False)
                     await self._prune_now_and_then()
                 except OutboxError as exc:
                     log.error("outbox unavailable, retrying: %s", exc)  # noqa: TRY400
                     wait = max(wait, self.config.background_delays[0])
-                except EngageAuthError as exc:
-                    # The pause is recorded; keep running so a fixed key (or Engage's own
-                    # fix) is picked up without a restart.
-                    log.error("Engage refused the API key, pausing: %s", exc)  # noqa: TRY400
+                except (EngageAuthError, EngageConfigurationError) as exc:
+                    # The pause is recorded; keep running so a fixed key or tenant (or
+                    # Engage's own fix) is picked up without a restart.
+                    log.error("Engage reports a configuration problem, pausing: %s", exc)  # noqa: TRY400
                     wait = max(wait, self.config.background_delays[-1])
                 except Exception:
                     # A flusher running beside an app must not die quietly on one bad step;
@@ -210,10 +251,47 @@ class OutboxFlusher:
                     wait = max(wait, self.config.background_delays[0])
                 await wait_for_event(self._clock, self._wake, wait)
         finally:
+            if uploads is not None:
+                # A cancelled upload leaves only a .part on the server, replaced next time.
+                uploads.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await uploads
             if restore is not None:
                 restore()
             if opened_here:
                 await self.close()
+
+    async def _upload_loop(self) -> None:
+        """Upload the XML files as they are written (and files left from before), checking
+        again every `_UPLOAD_EVERY` seconds; problems are logged and tried again later.
+        """
+        while True:
+            self._files_written.clear()
+            try:
+                await self._upload()
+            except SftpRefused as exc:
+                # A configuration problem: the key and known_hosts are read again each time,
+                # so a fix is picked up without a restart.
+                log.error("SFTP upload refused: %s", exc)  # noqa: TRY400
+            except SftpError as exc:
+                log.warning("SFTP upload failed, will try again: %s", exc)
+            await wait_for_event(self._clock, self._files_written, _UPLOAD_EVERY)
+
+    async def _upload(self) -> int:
+        """Upload the files waiting in `xml_dir`; how many went up.
+
+        Raises:
+            SftpRefused: a configuration problem (host key, login, rights).
+            SftpError: a local file could not be read or moved.
+        """
+        if self._uploader is None:
+            return 0
+        try:
+            report = await self._uploader.upload_pending()
+        except SftpUnavailable as exc:
+            log.warning("Engage's SFTP server is unavailable; the files wait: %s", exc)
+            return 0
+        return len(report.uploaded)
 
     def _handle_signals(self) -> Callable[[], None] | None:
         loop = asyncio.get_running_loop()
@@ -247,17 +325,23 @@ class OutboxFlusher:
         *,
         wait_for_batches: bool = True,
         on_progress: Callable[[FlushReport], None] | None = None,
+        upload: bool = True,
     ) -> FlushReport:
         """Send what is due now, and return what happened.
 
         With `wait_for_batches`, also waits for the bulk batches in flight to finish (polling
         at growing intervals) so their outcome is in the report. Returns early while every
-        flusher is paused after an outage.
+        flusher is paused after an outage. With an SFTP server configured (and `upload`),
+        the XML files written are then uploaded (an unreachable server is logged; the files
+        wait for the next flush).
 
         Raises:
             OutboxError: the outbox cannot be read or written.
             EngageAuthError: Engage refused the API key (every flusher pauses; nothing is
                 counted against any change).
+            EngageConfigurationError: Engage reports its tenant misconfigured
+                (``InvalidSystemConfiguration``); the same.
+            SftpRefused: the SFTP server refused the host key, the login or the rights.
         """
         store = self._ready()
         run = FlushRun(store, self.owner)
@@ -267,8 +351,8 @@ class OutboxFlusher:
                 run.stop(self.config.shutdown_timeout)
             keeper = asyncio.create_task(self._keep_leases())
             try:
-                await store.recover_expired()
                 while not self._stopping:
+                    await store.recover_expired(self.owner, lease_seconds=self.config.lease_seconds)
                     if await self._paused():
                         break
                     run.new_step()
@@ -276,8 +360,8 @@ class OutboxFlusher:
                         worked = await self._step(run)
                     except Outage as outage:
                         await self._pause_all(outage, run)
-                        if outage.refused_key is not None:
-                            raise outage.refused_key from None
+                        if outage.config_problem is not None:
+                            raise outage.config_problem from None
                         break
                     except UnexpectedResponse as exc:
                         # An answer we cannot read would be the same next second: wait as
@@ -302,12 +386,18 @@ class OutboxFlusher:
                     await keeper
                 with contextlib.suppress(OutboxError):
                     await asyncio.shield(run.release_held())
+        if run.counts["exported"]:
+            self._files_written.set()
+        if upload and not self._stopping:
+            run.count("uploaded", await self._upload())
         return run.report(await store.unfinished_count())
 
     async def _step(self, run: FlushRun) -> bool:
         """One step: poll batches, reconcile GUIDs, send what is due; True if it did anything."""
         worked = await self._batches.poll(run)
         worked = await self._reconciler.reconcile(run) or worked
+        # An XML file another flusher planned and never recorded is finished, in any mode.
+        worked = await self._export.resume(run) or worked
         store = run.store
         claimed = await store.claim(
             self.owner, limit=self.config.bulk_max_items, lease_seconds=self.config.lease_seconds

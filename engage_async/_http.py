@@ -157,11 +157,27 @@ def update_contact_type(root: str, contact_id: str, contact_type: str) -> Call:
     )
 
 
-def promote_to_member(root: str, api_version: int, contact_id: str) -> Call:
-    """v3: updateContactType to Member; v2: ``POST /contacts/{id}/promoteToMember``."""
+def promote_to_member(
+    root: str,
+    api_version: int,
+    contact_id: str,
+    body: bytes | None = None,
+    *,
+    source: str | None = None,
+) -> Call:
+    """v3: updateContactType to Member; v2: ``POST /contacts/{id}/promoteToMember`` with a body
+    of the fields a Member needs (`body`, an empty object when none) and an optional
+    ``source`` header.
+    """
     if api_version >= 3:
         return update_contact_type(root, contact_id, "Member")
-    return Call("POST", f"{root}/contacts/{contact_id}/promoteToMember", (), b"{}")
+    return Call(
+        "POST",
+        f"{root}/contacts/{contact_id}/promoteToMember",
+        (),
+        body if body is not None else b"{}",
+        headers=_query(source=source),
+    )
 
 
 def transactions(root: str, api_version: int, contact_id: str, offset: int, count: int) -> Call:
@@ -207,9 +223,19 @@ def bulk_create(root: str, contact_type: str, body: bytes) -> Call:
     )
 
 
-def bulk_update(root: str, body: bytes) -> Call:
-    """``PATCH /contacts/bulk``: up to 4000 updates, each naming its contactId."""
-    return Call("PATCH", f"{root}/contacts/bulk", (), body, idempotent=False, contact_call=False)
+def bulk_update(
+    root: str, contact_type: str, body: bytes, *, avoid_triggering_export: bool = False
+) -> Call:
+    """``PATCH /contacts/bulk?contactType=``: up to 4000 updates of contacts of that type, each
+    naming its contactId. Engage applies a bulk request under its ``contactType`` (the
+    tenant's default when none is given), so every item must be of that type.
+    ``avoidTriggeringExport`` keeps the change out of Engage's BI and XML exports.
+    """
+    query = _query(
+        contactType=contact_type,
+        avoidTriggeringExport="true" if avoid_triggering_export else None,
+    )
+    return Call("PATCH", f"{root}/contacts/bulk", query, body, idempotent=False, contact_call=False)
 
 
 def bulk_status(root: str, batch_id: str) -> Call:
@@ -499,6 +525,19 @@ def read_contact_id(data: Any) -> str | None:
         lowered = _lowered(data)
         data = lowered.get("contactid", lowered.get("id"))
     return data.strip().strip('"') or None if isinstance(data, str) else None
+
+
+def read_contact_type(data: Any) -> str | None:
+    """The contact type in a contact's JSON (``meta.contactType``, or top level), if any."""
+    if not isinstance(data, Mapping):
+        return None
+    top = _lowered(data)
+    meta = top.get("meta")
+    for holder in (_lowered(meta) if isinstance(meta, Mapping) else {}, top):
+        value = holder.get("contacttype")
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return None
 
 
 def read_page(data: Any) -> tuple[list[Any], int | None]:

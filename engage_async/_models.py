@@ -306,6 +306,7 @@ class FlushReport:
         reconciled: GUIDs found by lookup (after a bulk or XML create, or an existing contact).
         dead: changes dead-lettered.
         exported: changes written to XML import files.
+        uploaded: XML files uploaded to Engage's SFTP server (when one is configured).
         pending: changes still waiting (pending, in flight, or waiting for a GUID).
     """
 
@@ -315,4 +316,5 @@ class FlushReport:
     reconciled: int = 0
     dead: int = 0
     exported: int = 0
+    uploaded: int = 0
     pending: int = 0

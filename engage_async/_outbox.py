@@ -20,10 +20,12 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
+import socket
 import sqlite3
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from . import _rows
 from ._changes import Batch, Change, NewChange, Operation, Queued, row_factory
@@ -60,7 +62,11 @@ class SqliteOutbox:
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
         self._lazy_identities: dict[str, tuple[str, float]] = {}
+        self._lazy_types: dict[str, tuple[str, float]] = {}
         self._lazy_flush: asyncio.TimerHandle | None = None
+        # Other flushers' heartbeats as this process last saw them move: owner -> (beats,
+        # when it saw that count first, on its monotonic clock).
+        self._observed: dict[str, tuple[int, float]] = {}
 
     @property
     def path(self) -> Path:
@@ -116,7 +122,7 @@ class SqliteOutbox:
         self._closed = True
         if self._lazy_flush is not None:
             self._lazy_flush.cancel()
-        if self._lazy_identities:
+        if self._lazy_identities or self._lazy_types:
             with contextlib.suppress(OutboxError):
                 await self._write(self._take_lazy_identities())
         if self._writer is not None:
@@ -157,7 +163,7 @@ class SqliteOutbox:
                     stopping = True
                     break
                 batch.append(extra)
-            if self._lazy_identities:
+            if self._lazy_identities or self._lazy_types:
                 batch.insert(0, (self._take_lazy_identities(), _detached_future()))
             works = [work for work, _ in batch]
             try:
@@ -249,20 +255,40 @@ class SqliteOutbox:
         if self._closed:
             return
         self._lazy_identities[key] = (contact_id, self._now())
+        self._flush_soon()
+
+    def remember_type_later(self, contact_id: str, contact_type: str) -> None:
+        """Note the contact type Engage showed for a contact; written with the next commit
+        (a crash may lose it: its bulk update then goes alone).
+        """
+        if self._closed:
+            return
+        self._lazy_types[contact_id] = (contact_type, self._now())
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
         if self._lazy_flush is None:
             loop = asyncio.get_running_loop()
             self._lazy_flush = loop.call_later(_LAZY_IDENTITY_DELAY, self._flush_lazy)
 
     def _flush_lazy(self) -> None:
         self._lazy_flush = None
-        if self._lazy_identities and not self._closed:
+        if (self._lazy_identities or self._lazy_types) and not self._closed:
             task = asyncio.ensure_future(self._write(self._take_lazy_identities()))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def _take_lazy_identities(self) -> _Work:
+        """The cached identities and contact types as one piece of work for a commit."""
         rows = [(key, guid, at) for key, (guid, at) in self._lazy_identities.items()]
+        types = [(guid, kind, at) for guid, (kind, at) in self._lazy_types.items()]
         self._lazy_identities.clear()
-        return lambda conn: _rows.upsert_identities(conn, rows)
+        self._lazy_types.clear()
+
+        def work(conn: sqlite3.Connection) -> None:
+            _rows.upsert_identities(conn, rows)
+            _rows.learn_types(conn, types)
+
+        return work
 
     async def identity(self, key: str, *, max_age: float | None = None) -> str | None:
         """The GUID recorded for `key`, if recorded less than `max_age` seconds ago."""
@@ -275,10 +301,50 @@ class SqliteOutbox:
 
     # --- what a flusher does ------------------------------------------------------------------
 
-    async def recover_expired(self) -> int:
-        """Give back rows and batches whose owner's lease ran out; how many rows came back."""
+    async def register(self, owner: str) -> None:
+        """`owner` (a flusher) starts: its heartbeat row exists from now on."""
+        await self.renew(owner, 0.0)
+
+    async def unregister(self, owner: str) -> None:
+        """`owner` stops for good, having given back what it held."""
+        await self._write(lambda conn: _rows.leaving(conn, owner))
+
+    async def recover_expired(self, owner: str, *, lease_seconds: float) -> int:
+        """Give back what flushers that stopped renewing held; how many rows came back.
+
+        Judged by observation, never by times another clock wrote: a flusher is gone once
+        this process saw its heartbeat stand still for `lease_seconds` on its own monotonic
+        clock, or at once when it ran on this host and its process no longer exists.
+        """
+        now = self._clock.monotonic()
+        beats: dict[str, tuple[int, str, int, str]] = await self._read(_rows.heartbeats)
+        gone: list[tuple[str, int]] = []
+        for other, (count, host, pid, pidns) in beats.items():
+            if other == owner:
+                continue
+            seen = self._observed.get(other)
+            if seen is None or seen[0] != count:
+                self._observed[other] = (count, now)
+                if _process_gone(host, pid, pidns):
+                    gone.append((other, count))
+            elif now - seen[1] >= lease_seconds or _process_gone(host, pid, pidns):
+                gone.append((other, count))
+        for other in set(self._observed) - set(beats):
+            del self._observed[other]
+        recovered = 0
+        for other, count in gone:
+            back = await self._recover_owner(other, count)
+            if back:
+                log.warning(
+                    "flusher %s is gone: %d change(s) it held are pending again", other, back
+                )
+            recovered += back
+            self._observed.pop(other, None)
+        return recovered
+
+    async def _recover_owner(self, owner: str, beats: int) -> int:
         now = self._now()
-        result: int = await self._write(lambda conn: _rows.recover_expired(conn, now))
+        result: int = await self._write(lambda conn: _rows.recover_owner(conn, owner, beats, now))
         return result
 
     async def claim(self, owner: str, *, limit: int, lease_seconds: float) -> list[Change]:
@@ -290,9 +356,9 @@ class SqliteOutbox:
         return result
 
     async def renew(self, owner: str, lease_seconds: float) -> None:
-        """Extend every lease `owner` holds."""
-        until = self._now() + lease_seconds
-        await self._write(lambda conn: _rows.renew(conn, owner, until))
+        """`owner` is alive: its heartbeat moves on (and the expiry shown on its leases)."""
+        now = self._now()
+        await self._write(lambda conn: _rows.beat(conn, owner, _PROCESS, now + lease_seconds))
 
     async def release(
         self,
@@ -312,7 +378,7 @@ class SqliteOutbox:
                 conn,
                 owner,
                 seqs,
-                not_before=now + delay,
+                delay=delay,
                 count_attempt=count_attempt,
                 error=error,
                 send_alone=send_alone,
@@ -354,7 +420,7 @@ class SqliteOutbox:
         now = self._now()
         await self._write(
             lambda conn: _rows.submit_batch(
-                conn, batch_id, kind, contact_type, seqs, now + first_poll, now
+                conn, batch_id, kind, contact_type, seqs, first_poll, now
             )
         )
 
@@ -373,8 +439,8 @@ class SqliteOutbox:
 
     async def poll_batch_later(self, batch_id: str, *, delay: float, status: Any) -> None:
         """The batch still runs: keep its status, poll again in `delay` seconds."""
-        next_poll = self._now() + delay
-        await self._write(lambda conn: _rows.poll_batch_later(conn, batch_id, next_poll, status))
+        now = self._now()
+        await self._write(lambda conn: _rows.poll_batch_later(conn, batch_id, delay, status, now))
 
     async def unlease_batches(self, owner: str, batch_ids: Sequence[str]) -> None:
         """Give back batches `owner` could not poll, as they were."""
@@ -393,8 +459,9 @@ class SqliteOutbox:
 
     async def next_batch_poll(self) -> float | None:
         """Seconds until a batch in flight is due for a poll, or None if none is in flight."""
-        due: float | None = await self._read(_rows.next_batch_poll)
-        return None if due is None else max(0.0, due - self._now())
+        now = self._now()
+        result: float | None = await self._read(lambda conn: _rows.next_batch_poll(conn, now))
+        return result
 
     async def claim_waiting(self, owner: str, *, limit: int, lease_seconds: float) -> list[Change]:
         """Lease creates due for a GUID lookup, those other changes wait on first."""
@@ -407,7 +474,7 @@ class SqliteOutbox:
     async def not_found_yet(self, seq: int, *, delay: float, count: bool = True) -> None:
         """A waiting create is not on Engage yet: look again in `delay` seconds."""
         now = self._now()
-        await self._write(lambda conn: _rows.not_found_yet(conn, seq, now + delay, count, now))
+        await self._write(lambda conn: _rows.not_found_yet(conn, seq, delay, count, now))
 
     async def create_again(self, seq: int, reason: str) -> None:
         """A create Engage never showed: send it again (looked up first)."""
@@ -428,8 +495,8 @@ class SqliteOutbox:
 
     async def set_pause(self, *, delay: float, reason: str, outages: int) -> None:
         """Make every flusher hold off for `delay` seconds."""
-        until = self._now() + delay
-        await self._write(lambda conn: _rows.set_pause(conn, until, reason, outages))
+        now = self._now()
+        await self._write(lambda conn: _rows.set_pause(conn, delay, reason, outages, now))
 
     async def clear_pause(self) -> None:
         """Lift the pause and reset the outage count."""
@@ -492,6 +559,87 @@ class SqliteOutbox:
         """Every change not yet done, oldest first."""
         result: list[Change] = await self._db.read(_rows.open_changes)
         return result
+
+    # --- XML files, planned before they are written ------------------------------------------
+
+    async def plan_export(
+        self, owner: str, seqs: Sequence[int], path: str, digest: str
+    ) -> Literal["planned", "taken", "lost"]:
+        """Commit the plan of an XML file before it is written (the rows are parked)."""
+        now = self._now()
+        seqs = list(seqs)
+        result: Literal["planned", "taken", "lost"] = await self._write(
+            lambda conn: _rows.plan_export(conn, owner, seqs, path, digest, now)
+        )
+        return result
+
+    async def replan_export(self, path: str, new_path: str, digest: str) -> bool:
+        """Move a plan to another name, or give it new bytes; False if the name is planned."""
+        now = self._now()
+        result: bool = await self._write(
+            lambda conn: _rows.replan_export(conn, path, new_path, digest, now)
+        )
+        return result
+
+    async def stale_exports(self, *, older_than: float) -> list[tuple[str, str]]:
+        """(path, digest) of the plans made more than `older_than` seconds ago."""
+        before = self._now() - older_than
+        result: list[tuple[str, str]] = await self._read(
+            lambda conn: _rows.stale_exports(conn, before, older_than)
+        )
+        return result
+
+    async def export_rows(self, path: str) -> list[Change]:
+        """The rows still parked in the plan `path`."""
+        result: list[Change] = await self._read(lambda conn: _rows.export_rows(conn, path))
+        return result
+
+    async def finish_export(self, path: str, written: str) -> int:
+        """The plan `path` is on disk as `written`: its rows are exported; how many."""
+        now = self._now()
+        result: int = await self._write(lambda conn: _rows.finish_export(conn, path, written, now))
+        return result
+
+    async def wait_for_api(
+        self, owner: str, seqs: Iterable[int], *, delay: float, reason: str
+    ) -> None:
+        """Claimed creates an XML file cannot carry: pending, marked as waiting for the API."""
+        now = self._now()
+        seqs = list(seqs)
+        await self._write(lambda conn: _rows.wait_for_api(conn, owner, seqs, delay, reason, now))
+
+    async def waiting_for_api(self) -> int:
+        """How many pending changes wait for the API because an XML file cannot carry them."""
+        result: int = await self._read(_rows.waiting_for_api)
+        return result
+
+
+def _pid_namespace() -> str:
+    """This process's pid namespace (Linux), so that a pid is only judged on the host and
+    namespace it belongs to (containers sharing a volume each have their own).
+    """
+    try:
+        return str(Path("/proc/self/ns/pid").stat().st_ino)
+    except OSError:
+        return ""
+
+
+_PROCESS: Final = (socket.gethostname(), os.getpid(), _pid_namespace())
+
+
+def _process_gone(host: str, pid: int, pidns: str) -> bool:
+    """Is a flusher's process known not to exist any more? Only on this host and namespace;
+    elsewhere (or unknown) the heartbeat has to tell.
+    """
+    if not pidns or (host, pidns) != (_PROCESS[0], _PROCESS[2]) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # exists, owned by someone else
+    return False
 
 
 def _detached_future() -> asyncio.Future[Any]:

@@ -9,10 +9,16 @@ The tables (`_schema`): ``changes`` (one row per queued change, in ``seq`` order
 ``identities`` (key -> GUID), ``batches`` (bulk requests being followed) and ``control`` (the
 pause every flusher obeys).
 
-Leases: a claimed row is ``inflight`` with an owner and an expiry; its owner renews it while it
-waits on Engage; a row whose lease expired goes back to ``pending``. Only the head of each
+Leases: a claimed row is ``inflight`` with an owner. The owner's heartbeat is a counter in
+``flushers`` that it moves on while it works; another process gives the owner's rows back to
+``pending`` only after it saw that counter stand still for a whole lease on its own monotonic
+clock (`recover_owner`), never by comparing times another clock wrote. Only the head of each
 contact's chain is claimable, so changes to one contact go out in order while different
 contacts never wait for each other.
+
+Due times survive clock jumps: each is stored with the wait that set it (``due_delay``,
+``poll_delay``, the pause's ``pause_delay``), and one further ahead than that wait was written
+by a clock that was ahead: it is due (or over) now (`_DUE`).
 """
 
 from __future__ import annotations
@@ -22,15 +28,20 @@ import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import attrs
+
 from ._changes import Batch, Change, NewChange, Operation, Queued, State, dumps, loads
 from ._coalesce import merge_changes
+from ._create_policy import without_type
 from ._keys import contact_key, identity_key, identity_matches, is_ref, new_change_id
 from ._redact import scrub
 from ._store import Failures, OutboxCounts, Pause
 from ._wire import is_contact_id
 
 __all__ = [
+    "WAITS_FOR_API",
     "batch_rows",
+    "beat",
     "bury",
     "claim",
     "claim_batches",
@@ -43,36 +54,49 @@ __all__ = [
     "discard",
     "due_count",
     "enqueue",
+    "export_rows",
     "exported",
     "finish",
+    "finish_export",
     "forget_lease_of_batches",
     "get_change",
     "has_active",
+    "heartbeats",
     "identity",
+    "learn_types",
+    "leaving",
     "list_changes",
     "next_batch_poll",
     "not_found_yet",
     "open_changes",
     "pause",
+    "plan_export",
     "poll_batch_later",
     "prune",
     "queued_create",
     "record_guid",
-    "recover_expired",
+    "recover_owner",
     "release",
-    "renew",
+    "replan_export",
     "requeue",
     "requeue_dead",
     "set_pause",
     "settle_batch",
+    "stale_exports",
     "submit_batch",
     "unfinished_count",
     "upsert_identities",
+    "wait_for_api",
+    "waiting_for_api",
 ]
 
 _ACTIVE = "state IN ('pending', 'inflight', 'waiting_guid')"
 # Every transition that ends a lease clears it the same way.
 _UNLEASED = "lease_owner = NULL, lease_until = NULL"
+# A row is due at its time, or at once when that time is further ahead than the wait that
+# set it (a clock that was ahead wrote it). `:now` is the reader's wall clock.
+_DUE = "(c.next_attempt_at <= :now OR c.next_attempt_at - c.due_delay > :now)"
+_BATCH_DUE = "(next_poll_at <= :now OR next_poll_at - poll_delay > :now)"
 
 
 def _seq_list(seqs: Iterable[int]) -> str:
@@ -99,6 +123,16 @@ def upsert_identities(conn: sqlite3.Connection, rows: Iterable[tuple[str, str, f
     )
 
 
+def learn_types(conn: sqlite3.Connection, rows: Iterable[tuple[str, str, float]]) -> None:
+    """Record (GUID, contact type, when) rows: what type Engage last showed each contact."""
+    conn.executemany(
+        "INSERT INTO contact_types (contact_id, contact_type, updated_at) VALUES (?, ?, ?) "
+        "ON CONFLICT (contact_id) DO UPDATE SET contact_type = excluded.contact_type, "
+        "updated_at = excluded.updated_at",
+        rows,
+    )
+
+
 def identity(conn: sqlite3.Connection, key: str, oldest: float | None) -> str | None:
     """The GUID recorded for `key`, if recorded at `oldest` or later."""
     row = conn.execute(
@@ -117,6 +151,9 @@ def _guid_found(conn: sqlite3.Connection, change: Any, contact_id: str, now: flo
     if change["key_name"] and change["key_value"]:
         keys.append(identity_key(change["key_name"], change["key_value"], change["contact_type"]))
     upsert_identities(conn, [(key, contact_id, now) for key in keys])
+    if change["contact_type"]:
+        # Created as that type, or found by a lookup scoped to it.
+        learn_types(conn, [(contact_id, change["contact_type"], now)])
     conn.execute(
         f"UPDATE changes SET contact_key = ?, contact_id = ?, updated_at = ? "
         f"WHERE contact_key = ? AND {_ACTIVE}",
@@ -212,7 +249,7 @@ def _tail(conn: sqlite3.Connection, contact_key: str) -> sqlite3.Row | None:
     """The last change still waiting for this contact: the only one a new change may join."""
     row: sqlite3.Row | None = conn.execute(
         f"SELECT seq, change_id, ref, operation, state, body, folded, key_name, key_value, "
-        f"contact_type FROM changes WHERE contact_key = ? AND {_ACTIVE} "
+        f"contact_type, query FROM changes WHERE contact_key = ? AND {_ACTIVE} "
         "ORDER BY seq DESC LIMIT 1",
         (contact_key,),
     ).fetchone()
@@ -226,18 +263,34 @@ def enqueue(conn: sqlite3.Connection, change: NewChange, now: float) -> Queued:
         if twin is not None:
             # The contact is already on its way in: a second create would make a duplicate.
             if change.if_exists == "update" and change.body:
-                changes = {k: v for k, v in change.body.items() if k != "contactType"}
-                _merge_into_tail(conn, twin["contact_key"], changes, now)
+                changes = without_type(change.body)
+                if _merge_into_tail(conn, twin["contact_key"], changes, now) is None:
+                    # Its create is already on the wire: the attributes follow it as an update.
+                    _insert(
+                        conn,
+                        NewChange(
+                            Operation.UPDATE,
+                            twin["contact_key"],
+                            body=changes,
+                            ref=twin["ref"],
+                            reason=change.reason,
+                        ),
+                        now,
+                    )
             return Queued(twin["change_id"], ref=twin["ref"], duplicate=True)
     if change.operation is Operation.UPDATE and change.body is not None:
-        merged = _merge_into_tail(conn, change.contact_key, change.body, now)
+        merged = _merge_into_tail(conn, change.contact_key, change.body, now, change.query)
         if merged is not None:
             return merged
     return _insert(conn, change, now)
 
 
 def _merge_into_tail(
-    conn: sqlite3.Connection, contact_key: str, changes: Mapping[str, Any], now: float
+    conn: sqlite3.Connection,
+    contact_key: str,
+    changes: Mapping[str, Any],
+    now: float,
+    query: Mapping[str, str] | None = None,
 ) -> Queued | None:
     """Fold `changes` into the contact's last waiting change if that is allowed, else None.
 
@@ -246,6 +299,11 @@ def _merge_into_tail(
     """
     tail = _tail(conn, contact_key)
     if tail is None or tail["state"] != State.PENDING:
+        return None
+    if tail["operation"] == Operation.UPDATE and loads(tail["query"]) != (
+        dict(query) if query else None
+    ):
+        # Two updates that chose differently about Engage's exports stay apart.
         return None
     if tail["operation"] == Operation.UPDATE:
         body = merge_changes(loads(tail["body"]) or {}, changes)
@@ -343,49 +401,21 @@ def _insert(conn: sqlite3.Connection, change: NewChange, now: float) -> Queued:
 # --- leases ----------------------------------------------------------------------------------
 
 
-def recover_expired(conn: sqlite3.Connection, now: float) -> int:
-    """Return rows and batches whose owner's lease ran out; how many rows came back."""
-    cursor = conn.execute(
-        f"UPDATE changes SET state = 'pending', {_UNLEASED}, updated_at = ? "
-        "WHERE state = 'inflight' AND batch_id IS NULL AND lease_until < ?",
-        (now, now),
-    )
+def beat(
+    conn: sqlite3.Connection,
+    owner: str,
+    identity: tuple[str, int, str],
+    until: float,
+) -> None:
+    """`owner` is alive: move its heartbeat on (registering it the first time) and push back
+    the expiry shown on what it holds (for people: liveness is judged by the heartbeat).
+    """
+    host, pid, pidns = identity
     conn.execute(
-        f"UPDATE changes SET {_UNLEASED} WHERE state = 'waiting_guid' AND lease_until < ?",
-        (now,),
+        "INSERT INTO flushers (owner, host, pid, pidns) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (owner) DO UPDATE SET beats = beats + 1",
+        (owner, host, pid, pidns),
     )
-    conn.execute(
-        f"UPDATE batches SET {_UNLEASED} WHERE state = 'submitted' AND lease_until < ?",
-        (now,),
-    )
-    return cursor.rowcount
-
-
-def claim(
-    conn: sqlite3.Connection, owner: str, limit: int, until: float, now: float
-) -> list[Change]:
-    """Lease up to `limit` due heads of their contacts' chains until `until`, oldest first."""
-    rows = conn.execute(
-        "SELECT c.* FROM changes AS c WHERE c.state = 'pending' "
-        "AND c.next_attempt_at <= ? AND NOT EXISTS (SELECT 1 FROM changes AS p "
-        "WHERE p.contact_key = c.contact_key AND p.seq < c.seq "
-        "AND p.state IN ('pending', 'inflight', 'waiting_guid')) ORDER BY c.seq LIMIT ?",
-        (now, limit),
-    ).fetchall()
-    claimed = _changes(rows)
-    # A create is marked "look up first" in the same transaction: if this flusher dies with
-    # the request on the wire, the next one checks whether the contact exists first.
-    conn.execute(
-        "UPDATE changes SET state = 'inflight', lease_owner = ?, lease_until = ?, "
-        "updated_at = ?, lookup_first = CASE WHEN operation = 'create' THEN 1 "
-        "ELSE lookup_first END WHERE seq IN (SELECT value FROM json_each(?))",
-        (owner, until, now, _seq_list(change.seq for change in claimed)),
-    )
-    return claimed
-
-
-def renew(conn: sqlite3.Connection, owner: str, until: float) -> None:
-    """Push back the expiry of every row and batch `owner` holds."""
     conn.execute(
         "UPDATE changes SET lease_until = ? "
         "WHERE lease_owner = ? AND state IN ('inflight', 'waiting_guid')",
@@ -397,6 +427,91 @@ def renew(conn: sqlite3.Connection, owner: str, until: float) -> None:
     )
 
 
+def leaving(conn: sqlite3.Connection, owner: str) -> None:
+    """`owner` stops for good (it gave back what it held): forget its heartbeat."""
+    conn.execute("DELETE FROM flushers WHERE owner = ?", (owner,))
+
+
+def heartbeats(conn: sqlite3.Connection) -> dict[str, tuple[int, str, int, str]]:
+    """Every owner that holds a lease or has a heartbeat: owner -> (beats, host, pid, pid
+    namespace); beats -1 for a holder with no heartbeat row.
+    """
+    known = {
+        row["owner"]: (row["beats"], row["host"], row["pid"], row["pidns"])
+        for row in conn.execute("SELECT owner, beats, host, pid, pidns FROM flushers")
+    }
+    holders = conn.execute(
+        "SELECT lease_owner FROM changes WHERE state = 'inflight' AND lease_owner IS NOT NULL "
+        "UNION SELECT lease_owner FROM changes WHERE state = 'waiting_guid' "
+        "AND lease_owner IS NOT NULL "
+        "UNION SELECT lease_owner FROM batches WHERE state = 'submitted' "
+        "AND lease_owner IS NOT NULL"
+    ).fetchall()
+    for (holder,) in holders:
+        known.setdefault(holder, (-1, "", 0, ""))
+    return known
+
+
+def recover_owner(conn: sqlite3.Connection, owner: str, beats: int, now: float) -> int:
+    """`owner` is gone (its heartbeat stood still at `beats`, -1 for none): give back what
+    it held, and forget it; how many rows came back. Nothing happens if it beat since.
+    """
+    row = conn.execute("SELECT beats FROM flushers WHERE owner = ?", (owner,)).fetchone()
+    if (row["beats"] if row is not None else -1) != beats:
+        return 0
+    cursor = conn.execute(
+        f"UPDATE changes SET state = 'pending', {_UNLEASED}, next_attempt_at = ?, "
+        "due_delay = 0, updated_at = ? "
+        "WHERE state = 'inflight' AND lease_owner = ? AND batch_id IS NULL",
+        (now, now, owner),
+    )
+    conn.execute(
+        f"UPDATE changes SET {_UNLEASED} WHERE state = 'waiting_guid' AND lease_owner = ?",
+        (owner,),
+    )
+    conn.execute(
+        f"UPDATE batches SET {_UNLEASED} WHERE state = 'submitted' AND lease_owner = ?",
+        (owner,),
+    )
+    leaving(conn, owner)
+    return cursor.rowcount
+
+
+def claim(
+    conn: sqlite3.Connection, owner: str, limit: int, until: float, now: float
+) -> list[Change]:
+    """Lease up to `limit` due heads of their contacts' chains until `until`, oldest first."""
+    rows = conn.execute(
+        "SELECT c.*, t.contact_type AS known_type FROM changes AS c "
+        "LEFT JOIN contact_types AS t ON t.contact_id = c.contact_id "
+        f"WHERE c.state = 'pending' AND {_DUE} "
+        "AND NOT EXISTS (SELECT 1 FROM changes AS p "
+        "WHERE p.contact_key = c.contact_key AND p.seq < c.seq "
+        "AND p.state IN ('pending', 'inflight', 'waiting_guid')) ORDER BY c.seq LIMIT :limit",
+        {"now": now, "limit": limit},
+    ).fetchall()
+    claimed = [_with_known_type(row) for row in rows]
+    # A create is marked "look up first" in the same transaction: if this flusher dies with
+    # the request on the wire, the next one checks whether the contact exists first.
+    conn.execute(
+        "UPDATE changes SET state = 'inflight', lease_owner = ?, lease_until = ?, "
+        "updated_at = ?, lookup_first = CASE WHEN operation = 'create' THEN 1 "
+        "ELSE lookup_first END WHERE seq IN (SELECT value FROM json_each(?))",
+        (owner, until, now, _seq_list(change.seq for change in claimed)),
+    )
+    return claimed
+
+
+def _with_known_type(row: sqlite3.Row) -> Change:
+    """A claimed row; an update whose contact's type the outbox did not know when it was
+    queued gets the type learned since (a bulk update is sent under it).
+    """
+    change = Change.from_row(row)
+    if change.operation is Operation.UPDATE and change.contact_type is None and row["known_type"]:
+        return attrs.evolve(change, contact_type=row["known_type"])
+    return change
+
+
 # --- outcomes ----------------------------------------------------------------------------
 
 
@@ -405,21 +520,22 @@ def release(
     owner: str,
     seqs: Iterable[int],
     *,
-    not_before: float,
+    delay: float,
     count_attempt: bool,
     error: str | None,
     send_alone: bool,
     now: float,
 ) -> None:
-    """Give `owner`'s claimed rows back as pending, due again at `not_before`."""
+    """Give `owner`'s claimed rows back as pending, due again in `delay` seconds."""
     conn.executemany(
         f"UPDATE changes SET state = 'pending', {_UNLEASED}, "
-        "next_attempt_at = ?, attempts = attempts + ?, "
+        "next_attempt_at = ?, due_delay = ?, attempts = attempts + ?, "
         "last_error = coalesce(?, last_error), send_alone = max(send_alone, ?), "
         "updated_at = ? WHERE seq = ? AND state = 'inflight' AND lease_owner = ?",
         [
             (
-                not_before,
+                now + delay,
+                delay,
                 int(count_attempt),
                 error and scrub(error),
                 int(send_alone),
@@ -433,11 +549,22 @@ def release(
 
 
 def finish(conn: sqlite3.Connection, seqs: Iterable[int], now: float) -> None:
-    """Rows Engage applied: done."""
+    """Rows Engage applied: done; a contact-type change also records the contact's type."""
+    seq_list = _seq_list(seqs)
     conn.execute(
         f"UPDATE changes SET state = 'done', done_at = ?, updated_at = ?, {_UNLEASED} "
         "WHERE seq IN (SELECT value FROM json_each(?))",
-        (now, now, _seq_list(seqs)),
+        (now, now, seq_list),
+    )
+    learn_types(
+        conn,
+        conn.execute(
+            "SELECT contact_id, contact_type, ? FROM changes "
+            "WHERE seq IN (SELECT value FROM json_each(?)) "
+            "AND operation IN ('contact_type', 'promote') "
+            "AND contact_id IS NOT NULL AND contact_type IS NOT NULL",
+            (now, seq_list),
+        ).fetchall(),
     )
 
 
@@ -489,13 +616,13 @@ def submit_batch(
     first_poll: float,
     now: float,
 ) -> None:
-    """Record an accepted bulk request and tie its rows to it (their leases end: the batch
-    is followed by whoever polls it).
+    """Record an accepted bulk request, first polled in `first_poll` seconds, and tie its rows
+    to it (their leases end: the batch is followed by whoever polls it).
     """
     conn.execute(
-        "INSERT INTO batches (batch_id, kind, contact_type, submitted_at, next_poll_at)"
-        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (batch_id) DO NOTHING",
-        (batch_id, str(kind), contact_type, now, first_poll),
+        "INSERT INTO batches (batch_id, kind, contact_type, submitted_at, next_poll_at,"
+        " poll_delay) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (batch_id) DO NOTHING",
+        (batch_id, str(kind), contact_type, now, now + first_poll, first_poll),
     )
     conn.executemany(
         f"UPDATE changes SET batch_id = ?, batch_index = ?, {_UNLEASED}, updated_at = ? "
@@ -510,10 +637,9 @@ def claim_batches(
     """Lease batches due for a status poll."""
     rows = conn.execute(
         "SELECT batch_id, kind, contact_type, submitted_at, polls FROM batches "
-        "WHERE state = 'submitted' AND next_poll_at <= ? "
-        "AND (lease_owner IS NULL OR lease_until < ?) "
-        "ORDER BY next_poll_at LIMIT ?",
-        (now, now, limit),
+        f"WHERE state = 'submitted' AND {_BATCH_DUE} AND lease_owner IS NULL "
+        "ORDER BY next_poll_at LIMIT :limit",
+        {"now": now, "limit": limit},
     ).fetchall()
     conn.executemany(
         "UPDATE batches SET lease_owner = ?, lease_until = ? WHERE batch_id = ?",
@@ -526,7 +652,8 @@ def claim_batches(
             row["contact_type"],
             row["submitted_at"],
             row["polls"],
-            now - row["submitted_at"],
+            # A submission stamped in the future was stamped by a clock that was ahead.
+            max(0.0, now - row["submitted_at"]),
         )
         for row in rows
     ]
@@ -542,13 +669,13 @@ def batch_rows(conn: sqlite3.Connection, batch_id: str) -> list[Change]:
 
 
 def poll_batch_later(
-    conn: sqlite3.Connection, batch_id: str, next_poll: float, status: Any
+    conn: sqlite3.Connection, batch_id: str, delay: float, status: Any, now: float
 ) -> None:
-    """The batch still runs: keep its latest status, poll again at `next_poll`."""
+    """The batch still runs: keep its latest status, poll again in `delay` seconds."""
     conn.execute(
-        f"UPDATE batches SET next_poll_at = ?, polls = polls + 1, status = ?, {_UNLEASED} "
-        "WHERE batch_id = ?",
-        (next_poll, json.dumps(status), batch_id),
+        "UPDATE batches SET next_poll_at = ?, poll_delay = ?, polls = polls + 1, status = ?, "
+        f"{_UNLEASED} WHERE batch_id = ?",
+        (now + delay, delay, json.dumps(status), batch_id),
     )
 
 
@@ -576,12 +703,12 @@ def settle_batch(
     buried = bury(conn, failed, now)
     conn.execute(
         "UPDATE changes SET state = 'pending', send_alone = 1, next_attempt_at = ?, "
-        f"updated_at = ?, batch_id = NULL, {_UNLEASED} "
+        f"due_delay = 0, updated_at = ?, batch_id = NULL, {_UNLEASED} "
         "WHERE batch_id = ? AND state = 'inflight' AND seq IN (SELECT value FROM json_each(?))",
         (now, now, batch_id, _seq_list(resend)),
     )
     created = conn.execute(
-        "UPDATE changes SET state = 'waiting_guid', next_attempt_at = ?, "
+        "UPDATE changes SET state = 'waiting_guid', next_attempt_at = ?, due_delay = 0, "
         f"updated_at = ?, batch_id = NULL, {_UNLEASED} "
         "WHERE batch_id = ? AND state = 'inflight' AND operation = 'create'",
         (now, now, batch_id),
@@ -599,17 +726,19 @@ def settle_batch(
     return created + updated, buried
 
 
-def next_batch_poll(conn: sqlite3.Connection) -> float | None:
-    """When a batch in flight is next due for a poll (epoch), or None.
+def next_batch_poll(conn: sqlite3.Connection, now: float) -> float | None:
+    """Seconds until a batch in flight is due for a poll, or None when none is in flight.
 
-    A batch leased by another flusher is due when that lease runs out (if its owner died, it
-    is taken over then).
+    A batch another flusher holds is looked at again in a second: it becomes claimable when
+    that flusher settles it or is found gone.
     """
     row = conn.execute(
-        "SELECT min(max(next_poll_at, coalesce(lease_until, 0))) FROM batches "
-        "WHERE state = 'submitted'"
+        "SELECT min(CASE WHEN lease_owner IS NOT NULL THEN :now + 1.0 "
+        "WHEN next_poll_at - poll_delay > :now THEN :now ELSE next_poll_at END) "
+        "FROM batches WHERE state = 'submitted'",
+        {"now": now},
     ).fetchone()
-    return None if row[0] is None else float(row[0])
+    return None if row[0] is None else max(0.0, float(row[0]) - now)
 
 
 # --- GUID reconciliation ------------------------------------------------------------------
@@ -623,9 +752,9 @@ def claim_waiting(
         "SELECT c.*, EXISTS (SELECT 1 FROM changes AS d "
         "WHERE d.contact_key = c.contact_key AND d.seq > c.seq "
         "AND d.state IN ('pending', 'inflight', 'waiting_guid')) AS blocking "
-        "FROM changes AS c WHERE c.state = 'waiting_guid' AND c.next_attempt_at <= ? "
-        "AND c.lease_owner IS NULL ORDER BY blocking DESC, c.seq LIMIT ?",
-        (now, limit),
+        f"FROM changes AS c WHERE c.state = 'waiting_guid' AND {_DUE} "
+        "AND c.lease_owner IS NULL ORDER BY blocking DESC, c.seq LIMIT :limit",
+        {"now": now, "limit": limit},
     ).fetchall()
     conn.executemany(
         "UPDATE changes SET lease_owner = ?, lease_until = ? WHERE seq = ?",
@@ -635,13 +764,13 @@ def claim_waiting(
 
 
 def not_found_yet(
-    conn: sqlite3.Connection, seq: int, next_lookup: float, count: bool, now: float
+    conn: sqlite3.Connection, seq: int, delay: float, count: bool, now: float
 ) -> None:
-    """A waiting create's key is not on Engage yet: look again at `next_lookup`."""
+    """A waiting create's key is not on Engage yet: look again in `delay` seconds."""
     conn.execute(
-        "UPDATE changes SET lookups = lookups + ?, next_attempt_at = ?, updated_at = ?, "
-        f"{_UNLEASED} WHERE seq = ?",
-        (int(count), next_lookup, now, seq),
+        "UPDATE changes SET lookups = lookups + ?, next_attempt_at = ?, due_delay = ?, "
+        f"updated_at = ?, {_UNLEASED} WHERE seq = ?",
+        (int(count), now + delay, delay, now, seq),
     )
 
 
@@ -651,8 +780,8 @@ def create_again(conn: sqlite3.Connection, seq: int, reason: str, now: float) ->
     """
     conn.execute(
         "UPDATE changes SET state = 'pending', lookup_first = 1, lookups = 0, "
-        "attempts = attempts + 1, next_attempt_at = ?, last_error = ?, updated_at = ?, "
-        f"{_UNLEASED} WHERE seq = ?",
+        "attempts = attempts + 1, next_attempt_at = ?, due_delay = 0, last_error = ?, "
+        f"updated_at = ?, {_UNLEASED} WHERE seq = ?",
         (now, scrub(reason), now, seq),
     )
 
@@ -668,7 +797,7 @@ def exported(
     )
     conn.executemany(
         "UPDATE changes SET state = 'waiting_guid', exported_to = ?, "
-        f"next_attempt_at = ?, updated_at = ?, {_UNLEASED} WHERE seq = ?",
+        f"next_attempt_at = ?, due_delay = 0, updated_at = ?, {_UNLEASED} WHERE seq = ?",
         [(path, now, now, seq) for seq in waiting],
     )
 
@@ -677,17 +806,29 @@ def exported(
 
 
 def pause(conn: sqlite3.Connection, now: float) -> Pause | None:
-    """The pause every flusher obeys, if one is set (it may have run out)."""
+    """The pause every flusher obeys, if one is set (it may have run out).
+
+    A pause set further ahead than its own length was set by a clock that was ahead: over.
+    """
     rows = dict(conn.execute("SELECT name, value FROM control").fetchall())
     if "paused_until" not in rows:
         return None
     until = float(rows["paused_until"])
-    return Pause(until, until - now, rows.get("pause_reason", ""), int(rows.get("outages", "0")))
+    length = float(rows.get("pause_delay", "0"))
+    remaining = until - now if until - length <= now else 0.0
+    return Pause(until, remaining, rows.get("pause_reason", ""), int(rows.get("outages", "0")))
 
 
-def set_pause(conn: sqlite3.Connection, until: float, reason: str, outages: int) -> None:
-    """Make every flusher hold off until `until`."""
-    values = {"paused_until": repr(until), "pause_reason": scrub(reason), "outages": str(outages)}
+def set_pause(
+    conn: sqlite3.Connection, delay: float, reason: str, outages: int, now: float
+) -> None:
+    """Make every flusher hold off for `delay` seconds."""
+    values = {
+        "paused_until": repr(now + delay),
+        "pause_delay": repr(delay),
+        "pause_reason": scrub(reason),
+        "outages": str(outages),
+    }
     conn.executemany(
         "INSERT INTO control (name, value) VALUES (?, ?) "
         "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
@@ -697,7 +838,10 @@ def set_pause(conn: sqlite3.Connection, until: float, reason: str, outages: int)
 
 def clear_pause(conn: sqlite3.Connection) -> None:
     """Lift the pause and reset the outage count."""
-    conn.execute("DELETE FROM control WHERE name IN ('paused_until', 'pause_reason', 'outages')")
+    conn.execute(
+        "DELETE FROM control "
+        "WHERE name IN ('paused_until', 'pause_delay', 'pause_reason', 'outages')"
+    )
 
 
 # --- what is left ---------------------------------------------------------------------------
@@ -717,9 +861,9 @@ def unfinished_count(conn: sqlite3.Connection) -> int:
 def due_count(conn: sqlite3.Connection, at_most: int, now: float) -> int:
     """How many pending changes are due at `now`, counting no further than `at_most`."""
     row = conn.execute(
-        "SELECT count(*) FROM (SELECT 1 FROM changes WHERE state = 'pending' "
-        "AND next_attempt_at <= ? LIMIT ?)",
-        (now, at_most),
+        f"SELECT count(*) FROM (SELECT 1 FROM changes AS c WHERE c.state = 'pending' "
+        f"AND {_DUE} LIMIT :limit)",
+        {"now": now, "limit": at_most},
     ).fetchone()
     return int(row[0])
 
@@ -811,8 +955,8 @@ def get_change(conn: sqlite3.Connection, change_id: str) -> Change | None:
 
 def _revive(conn: sqlite3.Connection, where: str, params: Sequence[Any], now: float) -> int:
     cursor = conn.execute(
-        "UPDATE changes SET state = 'pending', next_attempt_at = ?, attempts = 0, "
-        f"error_code = NULL, last_error = NULL, updated_at = ? WHERE {where}",
+        "UPDATE changes SET state = 'pending', next_attempt_at = ?, due_delay = 0, "
+        f"attempts = 0, error_code = NULL, last_error = NULL, updated_at = ? WHERE {where}",
         (now, now, *params),
     )
     return cursor.rowcount
@@ -860,3 +1004,135 @@ def discard(conn: sqlite3.Connection, change: Change, reason: str, now: float) -
 def open_changes(conn: sqlite3.Connection) -> list[Change]:
     """Every change not yet done, oldest first."""
     return _changes(conn.execute("SELECT * FROM changes WHERE state != 'done' ORDER BY seq"))
+
+
+# --- XML files, planned before they are written -----------------------------------------------
+#
+# A file's name and the digest of its bytes are committed with its rows (parked: in flight
+# with no lease, so neither lease expiry nor a claim takes them) before the file is linked
+# into place; recording it then finishes the rows. A flusher that died in between leaves the
+# plan, and the next finishes that very file. Creates with options the import cannot carry
+# wait for the API, pending and marked.
+
+WAITS_FOR_API = "WaitsForApi"
+
+
+def plan_export(
+    conn: sqlite3.Connection, owner: str, seqs: Sequence[int], path: str, digest: str, now: float
+) -> str:
+    """Plan `owner`'s rows `seqs` into the file `path`: "planned"; "taken" when another open
+    plan has that name; "lost" (nothing changed) when `owner` no longer holds every row.
+    """
+    held = conn.execute(
+        "SELECT count(*) FROM changes WHERE seq IN (SELECT value FROM json_each(?)) "
+        "AND state = 'inflight' AND lease_owner = ?",
+        (_seq_list(seqs), owner),
+    ).fetchone()[0]
+    if held != len(seqs):
+        return "lost"
+    inserted = conn.execute(
+        "INSERT INTO xml_plans (path, digest, planned_at) VALUES (?, ?, ?) "
+        "ON CONFLICT (path) DO NOTHING",
+        (path, digest, now),
+    ).rowcount
+    if not inserted:
+        return "taken"
+    conn.execute(
+        f"UPDATE changes SET xml_plan = ?, updated_at = ?, {_UNLEASED} "
+        "WHERE seq IN (SELECT value FROM json_each(?))",
+        (path, now, _seq_list(seqs)),
+    )
+    return "planned"
+
+
+def replan_export(
+    conn: sqlite3.Connection, path: str, new_path: str, digest: str, now: float
+) -> bool:
+    """The plan `path` goes to `new_path` with the bytes `digest` names (the same path: only
+    new bytes); False when another open plan has `new_path`.
+    """
+    if new_path == path:
+        conn.execute(
+            "UPDATE xml_plans SET digest = ?, planned_at = ? WHERE path = ?", (digest, now, path)
+        )
+        return True
+    inserted = conn.execute(
+        "INSERT INTO xml_plans (path, digest, planned_at) VALUES (?, ?, ?) "
+        "ON CONFLICT (path) DO NOTHING",
+        (new_path, digest, now),
+    ).rowcount
+    if not inserted:
+        return False
+    conn.execute("UPDATE changes SET xml_plan = ? WHERE xml_plan = ?", (new_path, path))
+    conn.execute("DELETE FROM xml_plans WHERE path = ?", (path,))
+    return True
+
+
+def stale_exports(conn: sqlite3.Connection, before: float, lease: float) -> list[tuple[str, str]]:
+    """(path, digest) of the plans made before `before`, oldest first."""
+    # A plan stamped in the future was stamped by a clock that was ahead: stale too.
+    rows = conn.execute(
+        "SELECT path, digest FROM xml_plans WHERE planned_at < :before "
+        "OR planned_at > :before + :lease ORDER BY planned_at, path",
+        {"before": before, "lease": lease},
+    ).fetchall()
+    return [(row["path"], row["digest"]) for row in rows]
+
+
+def export_rows(conn: sqlite3.Connection, path: str) -> list[Change]:
+    """The rows still parked in the plan `path`, in seq order."""
+    rows = conn.execute(
+        "SELECT * FROM changes WHERE xml_plan = ? AND state = 'inflight' "
+        "AND lease_owner IS NULL ORDER BY seq",
+        (path,),
+    ).fetchall()
+    return _changes(rows)
+
+
+def finish_export(conn: sqlite3.Connection, path: str, written: str, now: float) -> int:
+    """The plan `path` is on disk as `written`: its updates are done, its creates wait for
+    their GUID, the plan is gone; how many rows. A second call finds nothing to do.
+    """
+    parked = "xml_plan = ? AND state = 'inflight' AND lease_owner IS NULL"
+    waiting = conn.execute(
+        "UPDATE changes SET state = 'waiting_guid', exported_to = ?, xml_plan = NULL, "
+        f"next_attempt_at = ?, updated_at = ? WHERE {parked} AND operation = 'create'",
+        (written, now, now, path),
+    ).rowcount
+    done = conn.execute(
+        "UPDATE changes SET state = 'done', done_at = ?, exported_to = ?, xml_plan = NULL, "
+        f"updated_at = ? WHERE {parked}",
+        (now, written, now, path),
+    ).rowcount
+    conn.execute("UPDATE changes SET xml_plan = NULL WHERE xml_plan = ?", (path,))
+    conn.execute("DELETE FROM xml_plans WHERE path = ?", (path,))
+    return waiting + done
+
+
+def wait_for_api(
+    conn: sqlite3.Connection,
+    owner: str,
+    seqs: Iterable[int],
+    delay: float,
+    reason: str,
+    now: float,
+) -> None:
+    """`owner`'s claimed creates cannot go into an XML file: pending, due in `delay` seconds,
+    marked as waiting for the API with `reason`.
+    """
+    conn.execute(
+        f"UPDATE changes SET state = 'pending', {_UNLEASED}, next_attempt_at = ?, "
+        "due_delay = ?, error_code = ?, last_error = ?, updated_at = ? "
+        "WHERE seq IN (SELECT value FROM json_each(?)) AND state = 'inflight' "
+        "AND lease_owner = ?",
+        (now + delay, delay, WAITS_FOR_API, scrub(reason), now, _seq_list(seqs), owner),
+    )
+
+
+def waiting_for_api(conn: sqlite3.Connection) -> int:
+    """How many pending changes wait for the API because an XML file cannot carry them."""
+    row = conn.execute(
+        "SELECT count(*) FROM changes WHERE state = 'pending' AND error_code = ?",
+        (WAITS_FOR_API,),
+    ).fetchone()
+    return int(row[0])

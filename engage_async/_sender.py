@@ -38,6 +38,7 @@ from ._create_policy import (
 from ._errors import (
     ContactNotFound,
     EngageAuthError,
+    EngageConfigurationError,
     EngageHTTPError,
     EngageServerError,
     EngageValidationError,
@@ -83,8 +84,10 @@ def route(
 
     `xml`: writes leave only as XML files (XML mode, or Engage refused the bulk API).
     `bulk`: the backlog is big enough for the bulk endpoints. Even then a change goes alone
-    when a bulk request could not settle it before (`send_alone`), and a create with options
-    (source, store, unapproved) does, since the bulk API cannot carry them.
+    when a bulk request could not settle it before (`send_alone`); a create with options
+    (source, store, unapproved) does, since the bulk API cannot carry them; and so does an
+    update whose contact's type is unknown, since Engage applies a bulk request under one
+    contact type.
     """
     if xml:
         return Routes(
@@ -92,7 +95,12 @@ def route(
         )
 
     def alone(change: Change) -> bool:
-        return not bulk or change.send_alone or bool(change.query)
+        return (
+            not bulk
+            or change.send_alone
+            or (change.operation is Operation.CREATE and bool(change.query))
+            or (change.operation is Operation.UPDATE and change.contact_type is None)
+        )
 
     return Routes(
         singles=(*(c for c in (*creates, *updates) if alone(c)), *type_changes),
@@ -109,7 +117,8 @@ def _own_requests(change: Change, *, bulk: bool) -> int:
     alone = (
         not bulk
         or change.send_alone
-        or bool(change.query)
+        or (change.operation is Operation.CREATE and bool(change.query))
+        or (change.operation is Operation.UPDATE and change.contact_type is None)
         or change.operation in {Operation.CONTACT_TYPE, Operation.PROMOTE}
     )
     return lookup + int(alone)
@@ -252,7 +261,9 @@ class Sender:
         if change.operation is Operation.UPDATE:
             return _http.update_contact(self._root, version, guid, body)
         if change.operation is Operation.PROMOTE:
-            return _http.promote_to_member(self._root, version, guid)
+            return _http.promote_to_member(
+                self._root, version, guid, body, source=change.query.get("source")
+            )
         return _http.update_contact_type(self._root, guid, change.contact_type or "")
 
     async def _send_singly(self, changes: list[Change], run: FlushRun) -> None:
@@ -261,13 +272,13 @@ class Sender:
         for change in changes:
             try:
                 data = await self._calls.request(self._single_call(change), run, write=True)
+            except (RateLimited, EngageAuthError, EngageConfigurationError) as exc:
+                raise self._calls.outage_for(exc) from exc
             except EngageServerError as exc:
                 server_failures.append((change, exc))
                 if not run.served and len(server_failures) >= _SERVER_ERRORS_FOR_OUTAGE:
                     await self._outage_after(server_failures, run)
                 continue
-            except (RateLimited, EngageAuthError) as exc:
-                raise self._calls.outage_for(exc) from exc
             except EngageHTTPError as exc:
                 await self._rejected(change, exc, run)
                 continue
@@ -356,26 +367,39 @@ class Sender:
     # --- in bulk -------------------------------------------------------------------------
 
     async def _send_bulk(self, kind: Operation, changes: list[Change], run: FlushRun) -> None:
-        """Send creates (grouped by contact type) or updates through the bulk endpoint."""
-        if not changes:
-            return
+        """Send creates or updates through the bulk endpoint, one request per contact type
+        (and, for updates, per choice of `avoidTriggeringExport`).
+        """
 
-        def contact_type(change: Change) -> str:
-            return change.contact_type or self.config.default_contact_type
+        def group_of(change: Change) -> tuple[str, bool]:
+            contact_type = change.contact_type or self.config.default_contact_type
+            return contact_type, self._avoids_export(change)
 
-        groups = (
-            itertools.groupby(sorted(changes, key=contact_type), key=contact_type)
-            if kind is Operation.CREATE
-            else [(None, iter(changes))]
-        )
-        for group_type, group in groups:
+        for (group_type, avoid_export), group in itertools.groupby(
+            sorted(changes, key=group_of), key=group_of
+        ):
             members = list(group)
             for start in range(0, len(members), self.config.bulk_max_items):
                 chunk = members[start : start + self.config.bulk_max_items]
-                await self._send_chunk(kind, group_type, chunk, run)
+                await self._send_chunk(kind, group_type, chunk, run, avoid_export=avoid_export)
+
+    def _avoids_export(self, change: Change) -> bool:
+        """Whether a queued update keeps its change out of Engage's exports (its own choice,
+        else the configuration's).
+        """
+        if change.operation is not Operation.UPDATE:
+            return False
+        chosen = change.query.get("avoidTriggeringExport")
+        return self.config.avoid_triggering_export if chosen is None else chosen == "true"
 
     async def _send_chunk(
-        self, kind: Operation, contact_type: str | None, chunk: list[Change], run: FlushRun
+        self,
+        kind: Operation,
+        contact_type: str,
+        chunk: list[Change],
+        run: FlushRun,
+        *,
+        avoid_export: bool = False,
     ) -> None:
         creates = chunk if kind is Operation.CREATE else []
         updates = chunk if kind is Operation.UPDATE else []
@@ -384,15 +408,22 @@ class Sender:
             return
         if kind is Operation.CREATE:
             items = [without_type(c.body or {}) for c in chunk]
-            call = _http.bulk_create(self._root, contact_type or "", _http.encode_json(items))
+            call = _http.bulk_create(self._root, contact_type, _http.encode_json(items))
         else:
             items = [{**(c.body or {}), "contactId": c.contact_id} for c in chunk]
-            call = _http.bulk_update(self._root, _http.encode_json(items))
+            call = _http.bulk_update(
+                self._root,
+                contact_type,
+                _http.encode_json(items),
+                avoid_triggering_export=avoid_export,
+            )
         try:
             data = await self._calls.request(call, run, write=True)
         except Outage:
             self._single_next = True
             raise
+        except EngageConfigurationError as exc:
+            raise self._calls.outage_for(exc) from exc
         except EngageServerError as exc:
             self._single_next = True
             raise Outage(str(exc)) from exc

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import warnings
 from collections.abc import AsyncIterator, Callable, Mapping
 from types import TracebackType
 from typing import Any, Final, Literal, Self, TypeVar
@@ -90,6 +91,10 @@ T = TypeVar("T")
 _NETWORK_SHARE: Final = 0.9
 _REDEMPTION_CHANNELS: Final = frozenset({"POS", "ECOM", "OTHER"})
 _IF_EXISTS: Final = ("return", "update")
+_UNKNOWN_REF: Final = (
+    "no create with this ref is known to this outbox (a ref is known only to the outbox of "
+    "the session that made it)"
+)
 
 
 @attrs.frozen
@@ -136,6 +141,12 @@ class EngageSession:
         )
 
     # --- lifecycle ---------------------------------------------------------------------------
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        # Never raises and never touches the event loop: it may run at exit, or in any thread.
+        lifecycle = getattr(self, "_lifecycle", None)
+        if lifecycle is not None and lifecycle.state == "open":
+            _warn(f"unclosed {self!r}: use `async with`", ResourceWarning, source=self)
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -284,10 +295,14 @@ class EngageSession:
             identifiers = {LOOKUP_PARAMETERS[name]: value}
         if contact_type is not None:
             identifiers["contactType"] = _text(contact_type, "contact_type")
+        elif self.config.api_version == 2:
+            raise ValueError("contact_type: API v2's contactoverview needs it, even by contact_id")
         data = await self._call(
             _http.contact_overview(self._root, identifiers), until=self._deadline()
         )
-        return read_overview(data)
+        overview = read_overview(data)
+        self._learn_type(overview.id, data)
+        return overview
 
     async def find_contact_id(
         self,
@@ -330,6 +345,9 @@ class EngageSession:
         found = await self._lookup(LOOKUP_PARAMETERS[name], value, contact_type, self._deadline())
         if found is not None:
             outbox.remember_later(key, found)
+            if contact_type is not None:
+                # Found among contacts of that type: that is its type.
+                outbox.remember_type_later(found, contact_type)
         return found
 
     async def _lookup(
@@ -355,7 +373,18 @@ class EngageSession:
         self._ready()
         guid = normalize_contact_id(contact_id)
         data = await self._call(_http.get_contact(self._root, guid), until=self._deadline())
-        return structure(data, Contact)
+        contact = structure(data, Contact)
+        self._learn_type(guid, data)
+        return contact
+
+    def _learn_type(self, contact_id: str | None, data: Any) -> None:
+        """Keep the contact type an answer shows: a queued update of the contact can then go
+        in a bulk request of that type.
+        """
+        contact_type = _http.read_contact_type(data)
+        if contact_id and contact_type and self._outbox is not None:
+            with contextlib.suppress(ValueError):
+                self._outbox.remember_type_later(normalize_contact_id(contact_id), contact_type)
 
     async def transactions(self, contact_id: str, *, limit: int | None = None) -> list[Transaction]:
         """The contact's purchases and returns, every page fetched (up to `limit`)."""
@@ -589,6 +618,8 @@ class EngageSession:
             identity_key(create.key_name, create.key_value, create.contact_type),
         ]
         await outbox.remember(keys, guid)
+        # Created as its type, or found by a lookup scoped to it.
+        outbox.remember_type_later(guid, create.contact_type)
         return Delivery(
             queued=False, contact_id=guid, contact=contact, ref=create.ref, existed=existed
         )
@@ -627,12 +658,21 @@ class EngageSession:
         )
 
     async def update_contact(
-        self, contact_id_or_ref: str, changes: Mapping[str, Any] | Any
+        self,
+        contact_id_or_ref: str,
+        changes: Mapping[str, Any] | Any,
+        *,
+        avoid_triggering_export: bool | None = None,
     ) -> Delivery:
         """Change some of a contact's attributes (``PATCH /contacts/{id}``); queue if need be.
 
         `changes` holds only what changes. Queued, rather than sent, while earlier changes to
         the same contact wait in the outbox, so it never overtakes them.
+
+        `avoid_triggering_export` (default: `config.avoid_triggering_export`) keeps the change
+        out of Engage's BI and XML exports when it is replayed through ``PATCH
+        /contacts/bulk``, the only call Engage takes it on; a change Engage takes at once, by
+        the single PATCH, cannot carry it.
 
         Raises:
             EmptyValueError, PayloadError, TypeError, ValueError: bad input; nothing was sent.
@@ -641,6 +681,8 @@ class EngageSession:
             OutboxError: Engage could not take it and the outbox could not keep it either.
         """
         self._ready()
+        if avoid_triggering_export is not None and not isinstance(avoid_triggering_export, bool):
+            raise TypeError("avoid_triggering_export: must be a bool or None")
         body = prepare_payload(changes, "changes")
         if not body:
             raise ValueError("changes: must not be empty; give only what changes")
@@ -649,10 +691,24 @@ class EngageSession:
                 "changes.contactType", "a PATCH cannot change it; use update_contact_type()"
             )
         target = await self._target(contact_id_or_ref)
+        query = (
+            {}
+            if avoid_triggering_export is None
+            else {"avoidTriggeringExport": "true" if avoid_triggering_export else "false"}
+        )
         async with self._contact_lock(target.contact_key):
-            return await self._write_update(target, body, self._deadline(_NETWORK_SHARE))
+            return await self._write_update(
+                target, body, self._deadline(_NETWORK_SHARE), query=query
+            )
 
-    async def _write_update(self, target: _Target, body: dict[str, Any], until: float) -> Delivery:
+    async def _write_update(
+        self,
+        target: _Target,
+        body: dict[str, Any],
+        until: float,
+        *,
+        query: Mapping[str, str] | None = None,
+    ) -> Delivery:
         def send(guid: str) -> _http.Call:
             return _http.update_contact(
                 self._root, self.config.api_version, guid, _http.encode_json(body)
@@ -665,6 +721,7 @@ class EngageSession:
                 body=body,
                 contact_id=target.contact_id,
                 ref=target.ref,
+                query=query or None,
             ),
             send,
             until,
@@ -694,22 +751,52 @@ class EngageSession:
                 self._deadline(_NETWORK_SHARE),
             )
 
-    async def promote_to_member(self, contact_id_or_ref: str) -> Delivery:
-        """Make the contact a Member (v3: updateContactType; v2: ``promoteToMember``)."""
+    async def promote_to_member(
+        self,
+        contact_id_or_ref: str,
+        *,
+        fields: Mapping[str, Any] | Any | None = None,
+        source: str | None = None,
+    ) -> Delivery:
+        """Make the contact a Member (v3: updateContactType; v2: ``promoteToMember``).
+
+        API v2's ``promoteToMember`` takes the fields a Member needs that the contact lacks
+        (`fields`) and where the promotion comes from (`source`); v3's updateContactType takes
+        neither (update the contact first).
+
+        Raises:
+            ValueError: `fields` or `source` with API v3.
+        """
         self._ready()
-        target = await self._target(contact_id_or_ref)
         version = self.config.api_version
+        body: dict[str, Any] | None = None
+        query: dict[str, str] = {}
+        if version >= 3 and (fields is not None or source is not None):
+            raise ValueError(
+                "fields, source: only API v2's promoteToMember takes them; with v3, "
+                "update the contact first"
+            )
+        if fields is not None:
+            body = prepare_payload(fields, "fields")
+        if source is not None:
+            query["source"] = _text(source, "source")
+        target = await self._target(contact_id_or_ref)
         operation = Operation.CONTACT_TYPE if version >= 3 else Operation.PROMOTE
+        encoded = None if body is None else _http.encode_json(body)
         async with self._contact_lock(target.contact_key):
             return await self._write(
                 NewChange(
                     operation,
                     target.contact_key,
+                    body=body,
                     contact_id=target.contact_id,
                     ref=target.ref,
                     contact_type="Member",
+                    query=query or None,
                 ),
-                lambda guid: _http.promote_to_member(self._root, version, guid),
+                lambda guid: _http.promote_to_member(
+                    self._root, version, guid, encoded, source=query.get("source")
+                ),
                 self._deadline(_NETWORK_SHARE),
             )
 
@@ -726,6 +813,10 @@ class EngageSession:
             data = await self._call(send(change.contact_id), until=until)
         except (EngageUnavailable, RateLimited) as exc:
             return await self._queued(change, _reason(exc))
+        if change.operation is not Operation.UPDATE and change.contact_type:
+            outbox.remember_type_later(change.contact_id, change.contact_type)
+        else:
+            self._learn_type(change.contact_id, data)
         contact = None
         if isinstance(data, Mapping) and data.get("id"):
             try:
@@ -767,7 +858,8 @@ class EngageSession:
         yet known, asks Engage by the contact's key (and records the answer).
 
         Raises:
-            ValueError: `ref` is not a ref (``ref_`` and 32 hex digits).
+            ValueError: `ref` is not a ref (``ref_`` and 32 hex digits), or no create with
+                it is known to this outbox (a ref made with another outbox, say).
         """
         outbox = self._ready()
         if not isinstance(ref, str) or not is_ref(ref):
@@ -776,7 +868,9 @@ class EngageSession:
         if known is not None:
             return known
         create = await outbox.create_of(ref)
-        if create is None or create.state != "waiting_guid" or not create.key_name:
+        if create is None:
+            raise ValueError(f"ref: {_UNKNOWN_REF}")
+        if create.state != "waiting_guid" or not create.key_name:
             return None
         found = await self._lookup(
             lookup_parameter(create.key_name),
@@ -796,7 +890,7 @@ class EngageSession:
             if guid is not None:
                 return _Target(contact_key(contact_id=guid), guid, ref)
             if await outbox.create_of(ref) is None:
-                raise ValueError("contact_id_or_ref: no create with this ref is known here")
+                raise ValueError(f"contact_id_or_ref: {_UNKNOWN_REF}")
             return _Target(contact_key(ref=ref), None, ref)
         guid = normalize_contact_id(contact_id_or_ref, "contact_id_or_ref")
         return _Target(contact_key(contact_id=guid), guid)

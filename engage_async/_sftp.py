@@ -45,7 +45,7 @@ from typing import IO, TYPE_CHECKING, Any, Final
 import attrs
 
 from ._config import EngageConfig
-from ._errors import EngageError
+from ._errors import SftpError, SftpRefused, SftpUnavailable
 from ._retry import background_delay
 
 if TYPE_CHECKING:
@@ -61,25 +61,6 @@ LOCK_FILE: Final = ".upload.lock"
 # SFTP servers must take requests of 32 KiB; most announce more (OpenSSH: 255 KiB).
 MIN_BLOCK: Final = 32 * 1024
 _NAME = re.compile(r"(?P<stamp>\d{14})_(?P<seq>\d+)_contacts\.xml")
-
-
-class SftpError(EngageError):
-    """Uploading XML files to Engage's SFTP server failed; the files stay in `xml_dir`."""
-
-
-class SftpUnavailable(SftpError):
-    """The SFTP server could not be reached, or dropped the connection, on every attempt.
-
-    Nothing is lost: the files not yet renamed on the server stay in `xml_dir` and the next
-    `XmlUploader.upload_pending` sends them.
-    """
-
-
-class SftpRefused(SftpError):
-    """The server's host key, the login or the rights were refused: a configuration problem.
-
-    Never retried, since waiting does not fix it; the message names the setting to check.
-    """
 
 
 @attrs.frozen

@@ -4,8 +4,10 @@ aiosqlite gives each connection one worker thread. Its public API costs a thread
 statement; a transaction of four statements then costs four hops, which is most of an
 enqueue's time. `Database.write` instead sends one function that runs the whole transaction
 (``BEGIN IMMEDIATE`` ... ``COMMIT``) on that thread in a single hop, through aiosqlite's
-``Connection._execute``: the one place this project touches aiosqlite internals (its version
-is capped in pyproject.toml, and tests/test_sqlite.py fails first if the seam moves).
+``Connection._execute``. The other use of aiosqlite internals: its worker thread is made a
+daemon before it starts, so a connection nobody closed cannot keep the interpreter from
+exiting (aiosqlite makes it non-daemon). Its version is capped in pyproject.toml, and
+tests/test_sqlite.py fails first if either seam moves.
 
 Every write transaction starts with ``BEGIN IMMEDIATE``: a deferred transaction that later
 needs the write lock fails at once with SQLITE_BUSY, ignoring the busy timeout, when another
@@ -18,6 +20,8 @@ import contextlib
 import os
 import sqlite3
 import stat
+import threading
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -25,8 +29,9 @@ from typing import Literal, TypeVar
 import aiosqlite
 
 from ._errors import OutboxError
+from ._schema import Damaged
 
-__all__ = ["Database"]
+__all__ = ["Database", "damaged", "sqlite_uri"]
 
 T = TypeVar("T")
 
@@ -41,22 +46,80 @@ def _not_a_database(exc: sqlite3.Error) -> bool:
     return isinstance(exc, sqlite3.DatabaseError) and "not a database" in str(exc)
 
 
-def _create_private(path: Path) -> None:
-    """Create the file readable by its owner only: it will hold personal data."""
+def damaged(exc: BaseException) -> bool:
+    """Is `exc` SQLite's verdict that the file is damaged (a page it cannot make sense of)?"""
+    return getattr(exc, "sqlite_errorname", None) == "SQLITE_CORRUPT"
+
+
+class _DamagedAt(Damaged):
+    """A damaged outbox, named by its path, with what to do about it."""
+
+
+def _damaged(path: Path, detail: str) -> _DamagedAt:
+    return _DamagedAt(
+        f"the outbox at {path.resolve()} is damaged ({detail}); stop everything that uses it "
+        "and run `engage-async outbox salvage NEW_PATH` to copy what can be read into a new "
+        "outbox"
+    )
+
+
+def sqlite_uri(path: Path, mode: Literal["ro", "rw", "rwc"]) -> str:
+    """A ``file:`` URI for `path` opened in `mode` ("ro" and "rw" never create the file)."""
+    return f"file:{urllib.parse.quote(str(path))}?mode={mode}"
+
+
+def create_private(path: Path, *, exclusive: bool = False) -> None:
+    """Create the file readable by its owner only: it will hold personal data.
+
+    An existing file is left alone, unless `exclusive`, when it is refused.
+    """
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     except FileExistsError:
+        if exclusive:
+            raise OutboxError(f"{path.resolve()} exists already; give a new path") from None
         return
     except OSError as exc:
         raise OutboxError(f"cannot create the outbox at {path}: {_describe(exc)}") from exc
     os.close(fd)
 
 
+def _check_writable(path: Path) -> None:
+    """Refuse a file this process may not write (read-only, another user's), without opening
+    it: SQLite would open it read-only and fail only at the first write.
+    """
+    effective = os.access in os.supports_effective_ids
+    if not os.access(path, os.W_OK, effective_ids=effective):
+        status = path.stat()
+        raise OutboxError(
+            f"the outbox at {path.resolve()} is not writable by this process (mode "
+            f"{stat.S_IMODE(status.st_mode):04o}, owner uid {status.st_uid}); it was left "
+            "untouched"
+        )
+
+
 def _tighten_mode(path: Path) -> None:
-    """An existing outbox opened by other tools may be group/world readable; narrow it."""
+    """An existing outbox opened by other tools may be group/world readable; narrow it.
+
+    Only ever takes bits away: a file its owner made read-only stays read-only.
+    """
     with contextlib.suppress(OSError):
-        if stat.S_IMODE(path.stat().st_mode) & 0o077:
-            path.chmod(0o600)
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            path.chmod(mode & ~0o077)
+
+
+def _daemon_thread(connection: aiosqlite.Connection) -> None:
+    """Make the connection's worker thread a daemon; it must not have started yet.
+
+    aiosqlite's thread is not a daemon, so a connection left open (an app that crashed before
+    closing its session) made the interpreter wait for ever at exit. A daemon thread killed at
+    exit is safe: SQLite's journal makes an interrupted transaction roll back.
+    """
+    # aiosqlite 0.22 keeps it in `_thread`; before 0.21 the connection was the thread itself.
+    worker = getattr(connection, "_thread", connection)
+    if isinstance(worker, threading.Thread) and not worker.is_alive():
+        worker.daemon = True
 
 
 class Database:
@@ -83,19 +146,28 @@ class Database:
         byte for byte as it was, mode included (switching to WAL would rewrite its header).
 
         Raises:
-            OutboxError: the file is foreign, unreadable, missing (with `create` False), or
-                cannot be created.
+            OutboxError: the file is foreign, unreadable, damaged, not writable by this
+                process, missing (with `create` False), or cannot be created. A missing,
+                damaged or unwritable file is named by its absolute path.
         """
         path = Path(path)
         if path.parent and not path.parent.exists():
-            raise OutboxError(f"the outbox directory {path.parent} does not exist")
+            raise OutboxError(f"the outbox directory {path.parent.resolve()} does not exist")
         if not create and not path.exists():
-            raise OutboxError(f"there is no outbox at {path}")
+            raise OutboxError(
+                f"there is no outbox at {path.resolve()}; only an EngageSession creates one: "
+                "point outbox_path (ENGAGE_OUTBOX) at the file the app writes"
+            )
         # Nothing here opens the file but SQLite: closing any descriptor of it would drop every
         # POSIX lock this process's SQLite connections hold on it (docs/decisions.md).
-        _create_private(path)
+        if create:
+            create_private(path)
+        _check_writable(path)
+        # "rw": should the file vanish after the check above, SQLite must not create it.
+        pending = aiosqlite.connect(sqlite_uri(path, "rw"), isolation_level=None, uri=True)
+        _daemon_thread(pending)
         try:
-            connection = await aiosqlite.connect(path, isolation_level=None)
+            connection = await pending
         except sqlite3.Error as exc:
             raise OutboxError(f"cannot open the outbox at {path}: {_describe(exc)}") from exc
         db = cls(connection, path)
@@ -127,6 +199,8 @@ class Database:
                         f"{path} exists and is not an engage-async outbox (not a SQLite "
                         "file); it was left untouched"
                     ) from None
+                if isinstance(exc, Damaged) and not isinstance(exc, _DamagedAt):
+                    raise _damaged(path, str(exc)) from exc.__cause__
                 raise
             _tighten_mode(path)
             await db.run(configure)
@@ -144,6 +218,8 @@ class Database:
                 work, self._connection._conn
             )
         except sqlite3.Error as exc:
+            if damaged(exc):
+                raise _damaged(self.path, _describe(exc)) from exc
             raise OutboxError(f"outbox at {self.path}: {_describe(exc)}") from exc
         return result
 

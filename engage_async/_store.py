@@ -12,7 +12,7 @@ Today's backend is SQLite (`_outbox.SqliteOutbox`, its SQL in `_rows`).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import attrs
 
@@ -94,6 +94,12 @@ class OutboxStore(Protocol):
         """Cache a lookup result; written soon (losing it to a crash costs a lookup)."""
         ...
 
+    def remember_type_later(self, contact_id: str, contact_type: str) -> None:
+        """Note the contact type Engage showed for a contact; written soon (losing it costs
+        only a bulk update that then goes alone).
+        """
+        ...
+
     async def record_guid(self, seq: int, contact_id: str) -> None:
         """The create at `seq` exists as `contact_id`: finish it, record its ref and key, and
         point the changes waiting on its ref at the GUID.
@@ -102,8 +108,18 @@ class OutboxStore(Protocol):
 
     # --- what a flusher does (`owner` names the flusher) -------------------------------------
 
-    async def recover_expired(self) -> int:
-        """Give back rows and batches whose owner stopped renewing; how many rows came back."""
+    async def register(self, owner: str) -> None:
+        """A flusher named `owner` starts; from now on its heartbeat is watched."""
+        ...
+
+    async def unregister(self, owner: str) -> None:
+        """The flusher `owner` stops for good, having given back what it held."""
+        ...
+
+    async def recover_expired(self, owner: str, *, lease_seconds: float) -> int:
+        """Give back rows and batches of flushers (other than `owner`) that stopped renewing
+        for `lease_seconds`, as this process observed it; how many rows came back.
+        """
         ...
 
     async def claim(self, owner: str, *, limit: int, lease_seconds: float) -> list[Change]:
@@ -115,7 +131,7 @@ class OutboxStore(Protocol):
         ...
 
     async def renew(self, owner: str, lease_seconds: float) -> None:
-        """Extend every lease `owner` holds."""
+        """`owner` is alive: its heartbeat moves on, and its leases with it."""
         ...
 
     async def release(
@@ -269,4 +285,50 @@ class OutboxStore(Protocol):
 
     async def open_changes(self) -> list[Change]:
         """Every change not yet done, oldest first."""
+        ...
+
+    # --- XML files, planned before they are written (what a flusher's XML step does) --------
+
+    async def plan_export(
+        self, owner: str, seqs: Sequence[int], path: str, digest: str
+    ) -> Literal["planned", "taken", "lost"]:
+        """Commit that `owner`'s rows `seqs` go into the XML file `path`, whose bytes `digest`
+        names, before it is written; the rows are parked (in flight, no lease) until
+        `finish_export`. "taken": another open plan has that name; "lost": `owner` no longer
+        holds every row (nothing changed).
+        """
+        ...
+
+    async def replan_export(self, path: str, new_path: str, digest: str) -> bool:
+        """Move the plan `path` to `new_path` (the name was taken on disk), or give it new
+        bytes under the same path; False when another open plan has `new_path`.
+        """
+        ...
+
+    async def stale_exports(self, *, older_than: float) -> list[tuple[str, str]]:
+        """(path, digest) of the plans made more than `older_than` seconds ago: their flusher
+        died before recording them, or is very slow.
+        """
+        ...
+
+    async def export_rows(self, path: str) -> list[Change]:
+        """The rows still parked in the plan `path`, in seq order."""
+        ...
+
+    async def finish_export(self, path: str, written: str) -> int:
+        """The plan `path` is on disk as `written`: updates done, creates waiting for their
+        GUID, the plan gone; how many rows (0 when it was finished already).
+        """
+        ...
+
+    async def wait_for_api(
+        self, owner: str, seqs: Iterable[int], *, delay: float, reason: str
+    ) -> None:
+        """Claimed creates an XML file cannot carry: pending again in `delay` seconds, marked
+        as waiting for the API with `reason` (not dead, not exported).
+        """
+        ...
+
+    async def waiting_for_api(self) -> int:
+        """How many pending changes wait for the API because an XML file cannot carry them."""
         ...

@@ -2,14 +2,18 @@
 
 Listings mask personal data (emails, phones, personal numbers, names, addresses) unless asked
 with ``reveal=True``. Requeueing and discarding are the operator's tools for dead letters: a
-dead change is never retried on its own, and never silently dropped.
+dead change is never retried on its own, and never silently dropped. `OutboxAdmin.salvage`
+copies what can still be read from a damaged outbox into a new one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
-from collections.abc import Mapping
+import warnings
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -23,9 +27,10 @@ from ._errors import ChangeNotFound
 from ._keys import is_change_id
 from ._outbox import SqliteOutbox
 from ._redact import mask
+from ._salvage import SalvageReport, salvage
 from ._store import OutboxStore
 
-__all__ = ["OutboxAdmin", "OutboxEntry", "OutboxStats"]
+__all__ = ["OutboxAdmin", "OutboxEntry", "OutboxStats", "SalvageReport"]
 
 # Values under these names are not personal and stay readable in a masked listing.
 _PLAIN = frozenset(
@@ -43,6 +48,8 @@ class OutboxStats:
         paused_until: when the flushers' pause after an outage ends, if one is set.
         pause_reason: why they pause.
         batches_in_flight: bulk batches Engage accepted that are still being followed.
+        waiting_for_api: creates that wait for the API because an XML import file cannot
+            carry their options (source, store, unapproved).
     """
 
     by_state: Mapping[str, int]
@@ -50,6 +57,7 @@ class OutboxStats:
     paused_until: datetime | None
     pause_reason: str | None = None
     batches_in_flight: int = 0
+    waiting_for_api: int = 0
 
 
 @attrs.frozen
@@ -107,11 +115,40 @@ def _entry(change: Change, *, reveal: bool) -> OutboxEntry:
     )
 
 
+def _path(value: object, name: str) -> Path:
+    """`value` as a Path, or TypeError/ValueError naming the argument."""
+    if not isinstance(value, str | os.PathLike):
+        raise TypeError(f"{name}: must be a str or os.PathLike, not {type(value).__name__}")
+    if not os.fspath(value):
+        raise ValueError(f"{name}: must not be empty")
+    return Path(value)
+
+
+def _change_id(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"change_id: must be a str, not {type(value).__name__}")
+    if not is_change_id(value):
+        # The value is not echoed: a pasted email must not reach a log.
+        raise ValueError("change_id: not a change id (chg_ and 32 hex digits)")
+    return value
+
+
+def _flag(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: must be a bool, not {type(value).__name__}")
+    return value
+
+
 class OutboxAdmin:
     """Inspect and manage the outbox at `outbox_path` (which must exist).
 
-    Use ``async with OutboxAdmin(path) as admin:``, or call the coroutines directly and
-    `close` when done.
+    Every coroutine works on its own: ``await OutboxAdmin(path).stats()`` opens the outbox,
+    answers and closes it again. Inside ``async with OutboxAdmin(path) as admin:`` one
+    connection serves every call until the block ends.
+
+    Raises:
+        TypeError, ValueError: an argument of the wrong type or value (the message names it),
+            here and in every coroutine.
     """
 
     def __init__(
@@ -121,16 +158,26 @@ class OutboxAdmin:
         busy_timeout: float = 10.0,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        self.path = Path(outbox_path)
-        self._busy_timeout = busy_timeout
+        self.path = _path(outbox_path, "outbox_path")
+        if isinstance(busy_timeout, bool) or not isinstance(busy_timeout, int | float):
+            raise TypeError(f"busy_timeout: must be a number, not {type(busy_timeout).__name__}")
+        if not math.isfinite(busy_timeout) or busy_timeout < 0:
+            raise ValueError("busy_timeout: must be a finite number of seconds, at least 0")
+        self._busy_timeout = float(busy_timeout)
         self._clock = clock
         self._store: OutboxStore | None = None
 
     def __repr__(self) -> str:
         return f"<OutboxAdmin {self.path}>"
 
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        # Never raises and never touches the event loop: it may run at exit, or in any thread.
+        if getattr(self, "_store", None) is not None:
+            _warn(f"unclosed {self!r}: use `async with`", ResourceWarning, source=self)
+
     async def __aenter__(self) -> Self:
-        await self._open()
+        if self._store is None:
+            self._store = await self._open()
         return self
 
     async def __aexit__(
@@ -142,22 +189,33 @@ class OutboxAdmin:
         await self.close()
 
     async def _open(self) -> OutboxStore:
-        if self._store is None:
-            self._store = await SqliteOutbox.open(
-                self.path, busy_timeout=self._busy_timeout, create=False, clock=self._clock
-            )
-        return self._store
+        return await SqliteOutbox.open(
+            self.path, busy_timeout=self._busy_timeout, create=False, clock=self._clock
+        )
+
+    @contextlib.asynccontextmanager
+    async def _outbox(self) -> AsyncIterator[OutboxStore]:
+        """The connection of the ``async with`` block, else one opened for this call alone."""
+        if self._store is not None:
+            yield self._store
+            return
+        store = await self._open()
+        try:
+            yield store
+        finally:
+            await store.close()
 
     async def close(self) -> None:
-        """Close the outbox file."""
+        """Close the connection an ``async with`` opened; safe to call at any time."""
         if self._store is not None:
-            await self._store.close()
-            self._store = None
+            store, self._store = self._store, None
+            await store.close()
 
     async def stats(self) -> OutboxStats:
         """Counts per state, the age of the oldest waiting change, and the flushers' pause."""
-        store = await self._open()
-        counts = await store.counts()
+        async with self._outbox() as store:
+            counts = await store.counts()
+            waiting_for_api = await store.waiting_for_api()
         pause = counts.pause if counts.pause is not None and counts.pause.remaining > 0 else None
         return OutboxStats(
             by_state=counts.by_state,
@@ -165,6 +223,7 @@ class OutboxAdmin:
             paused_until=None if pause is None else datetime.fromtimestamp(pause.until, UTC),
             pause_reason=None if pause is None else pause.reason,
             batches_in_flight=counts.batches_in_flight,
+            waiting_for_api=waiting_for_api,
         )
 
     async def list(
@@ -180,21 +239,27 @@ class OutboxAdmin:
         `key` picks a contact by GUID, ref, or key value (an email, say, in any letter case):
         its create and every change queued for it.
         """
+        if state is not None and not isinstance(state, str):
+            raise TypeError(f"state: must be a str or None, not {type(state).__name__}")
         if state is not None and state not in {str(s) for s in State}:
             raise ValueError(f"state: must be one of {', '.join(str(s) for s in State)}")
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise TypeError(f"limit: must be an int, not {type(limit).__name__}")
         if limit < 1:
             raise ValueError("limit: must be at least 1")
-        store = await self._open()
-        changes = await store.list_changes(state=state, limit=limit, key=key)
+        if key is not None and not isinstance(key, str):
+            raise TypeError(f"key: must be a str or None, not {type(key).__name__}")
+        if key is not None and not key.strip():
+            raise ValueError("key: must not be blank (None lists every contact)")
+        reveal = _flag(reveal, "reveal")
+        async with self._outbox() as store:
+            changes = await store.list_changes(state=state, limit=limit, key=key)
         return [_entry(change, reveal=reveal) for change in changes]
 
-    async def _change(self, change_id: str) -> Change:
-        store = await self._open()
+    async def _change(self, store: OutboxStore, change_id: str) -> Change:
         change = await store.get_change(change_id)
         if change is None:
-            # Echo only what is shaped like a change id: a pasted email must not reach a log.
-            shown = change_id if is_change_id(change_id) else "with that id"
-            raise ChangeNotFound(f"no change {shown} in {self.path}")
+            raise ChangeNotFound(f"no change {change_id} in {self.path}")
         return change
 
     async def show(self, change_id: str, *, reveal: bool = False) -> OutboxEntry:
@@ -203,7 +268,10 @@ class OutboxAdmin:
         Raises:
             ChangeNotFound: no change has that id.
         """
-        return _entry(await self._change(change_id), reveal=reveal)
+        change_id = _change_id(change_id)
+        reveal = _flag(reveal, "reveal")
+        async with self._outbox() as store:
+            return _entry(await self._change(store, change_id), reveal=reveal)
 
     async def requeue(self, change_id: str) -> OutboxEntry:
         """Send a dead (or not yet due) change again as soon as a flusher runs.
@@ -214,15 +282,18 @@ class OutboxAdmin:
             ChangeNotFound: no change has that id.
             ValueError: it is done, or in flight.
         """
-        change = await self._change(change_id)
-        if change.state not in {State.DEAD, State.PENDING}:
-            raise ValueError(f"change {change_id} is {change.state}; only dead or pending ones")
-        await (await self._open()).requeue(change)
-        return await self.show(change_id)
+        change_id = _change_id(change_id)
+        async with self._outbox() as store:
+            change = await self._change(store, change_id)
+            if change.state not in {State.DEAD, State.PENDING}:
+                raise ValueError(f"change {change_id} is {change.state}; only dead or pending ones")
+            await store.requeue(change)
+            return _entry(await self._change(store, change_id), reveal=False)
 
     async def requeue_dead(self) -> int:
         """Requeue every dead change; how many."""
-        return await (await self._open()).requeue_dead()
+        async with self._outbox() as store:
+            return await store.requeue_dead()
 
     async def discard(self, change_id: str, reason: str) -> OutboxEntry:
         """Give up on a waiting change: it is dead-lettered with `reason` and never sent.
@@ -233,20 +304,32 @@ class OutboxAdmin:
             ChangeNotFound: no change has that id.
             ValueError: it is done or in flight, or `reason` is empty.
         """
-        if not reason or not reason.strip():
+        change_id = _change_id(change_id)
+        if not isinstance(reason, str):
+            raise TypeError(f"reason: must be a str, not {type(reason).__name__}")
+        if not reason.strip():
             raise ValueError("reason: say why the change is discarded")
-        change = await self._change(change_id)
-        if change.state not in {State.PENDING, State.WAITING_GUID, State.DEAD}:
-            raise ValueError(f"change {change_id} is {change.state}; it cannot be discarded")
-        await (await self._open()).discard(change, reason)
-        return await self.show(change_id)
+        async with self._outbox() as store:
+            change = await self._change(store, change_id)
+            if change.state not in {State.PENDING, State.WAITING_GUID, State.DEAD}:
+                raise ValueError(f"change {change_id} is {change.state}; it cannot be discarded")
+            await store.discard(change, reason)
+            return _entry(await self._change(store, change_id), reveal=False)
 
     async def export(self, path: str | os.PathLike[str]) -> int:
         """Write every change not yet done to `path` as JSON lines (with personal data; the
         file is created readable by its owner only). Returns how many.
+
+        Raises:
+            ValueError: `path` is the outbox (or its -wal or -shm file).
         """
-        changes = await (await self._open()).open_changes()
-        target = Path(path)
+        target = _path(path, "path")
+        outbox = self.path.resolve()
+        if target.resolve() in {outbox, *(Path(f"{outbox}{end}") for end in ("-wal", "-shm"))}:
+            # Only SQLite may open the outbox's files (docs/decisions.md), let alone truncate.
+            raise ValueError("path: is the outbox's own file; give another")
+        async with self._outbox() as store:
+            changes = await store.open_changes()
         fd = os.open(target, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
         # O_CREAT's mode applies to a new file only; one that was there keeps its own.
         os.fchmod(fd, 0o600)
@@ -256,3 +339,19 @@ class OutboxAdmin:
                 record["created_at"] = record["created_at"].isoformat()
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
         return len(changes)
+
+    async def salvage(self, new_path: str | os.PathLike[str]) -> SalvageReport:
+        """Copy every change that can still be read from this outbox, which may be damaged,
+        into a new outbox at `new_path`, with the identities, batches and pause it can read.
+
+        Stop everything that uses the outbox first. The outbox is read by SQLite alone,
+        read-only, and never through this admin's connection (a damaged outbox cannot be
+        opened); a damaged page costs only the rows on it. The report says what was copied and
+        what could not be read; point ``ENGAGE_OUTBOX`` at the new file to carry on.
+
+        Raises:
+            OutboxError: `new_path` exists, this outbox is missing or not an outbox, or not
+                even its header can be read.
+        """
+        target = _path(new_path, "new_path")
+        return await salvage(self.path, target, busy_timeout=self._busy_timeout)

@@ -24,7 +24,7 @@ import attrs
 
 from . import __version__
 from ._config import EngageConfig
-from ._errors import ChangeNotFound, EngageAuthError, EngageError
+from ._errors import ChangeNotFound, EngageAuthError, EngageConfigurationError, EngageError
 from ._flusher import OutboxFlusher
 from ._models import FlushReport
 from ._xmlfiles import validate_file
@@ -110,6 +110,16 @@ def _parser() -> argparse.ArgumentParser:
         "export", help="write changes not yet done as JSON lines", parents=[outbox_file]
     )
     export.add_argument("path")
+    salvage = admin.add_parser(
+        "salvage",
+        help="copy what can be read from a damaged outbox into a new one",
+        description="Copy every change (and identity, batch, pause) that can still be read "
+        "from the outbox, which may be damaged, into a new outbox at NEW_PATH, and say what "
+        "could not be read. Stop everything that uses the outbox first. Exit status: 0 all "
+        "copied, 1 some rows could not be read (the new outbox holds the rest), 2 nothing done.",
+        parents=[outbox_file],
+    )
+    salvage.add_argument("new_path", metavar="NEW_PATH", help="the new outbox (must not exist)")
     validate = admin.add_parser("validate-xml", help="check XML fallback files against the XSD")
     validate.add_argument("paths", nargs="+", metavar="FILE")
 
@@ -160,8 +170,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     simulate.add_argument(
         "--strict-bulk-types",
-        action="store_true",
-        help="fail bulk update items whose contact is not of the request's contact type",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fail bulk update items whose contact is not of the request's contact type, as "
+        "Engage does (default: on)",
     )
     return parser
 
@@ -192,6 +204,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except EngageAuthError as exc:
         print(f"engage-async: {exc}; check ENGAGE_API_KEY", file=sys.stderr)
+        return 2
+    except EngageConfigurationError as exc:
+        print(
+            f"engage-async: {exc}; Engage reports the tenant's configuration as invalid "
+            "(InvalidSystemConfiguration): ask Voyado to check it; the queued changes wait",
+            file=sys.stderr,
+        )
         return 2
     except (EngageError, ValueError, OSError) as exc:
         print(f"engage-async: {exc}", file=sys.stderr)
@@ -280,6 +299,9 @@ def _entry_line(entry: OutboxEntry) -> str:
 async def _outbox(args: argparse.Namespace) -> int:
     if args.action == "validate-xml":
         return _validate_xml(args.paths)
+    if args.action == "salvage":
+        # Not inside `async with`: a damaged outbox cannot be opened, only read for salvage.
+        return await _salvage(OutboxAdmin(_outbox_path(args)), args.new_path)
     async with OutboxAdmin(_outbox_path(args)) as admin:
         if args.action == "stats":
             stats = await admin.stats()
@@ -288,6 +310,8 @@ async def _outbox(args: argparse.Namespace) -> int:
             age = stats.oldest_pending_age
             print(f"oldest waiting: {'-' if age is None else f'{age:.0f} s'}")
             print(f"batches in flight: {stats.batches_in_flight}")
+            if stats.waiting_for_api:
+                print(f"waiting for the API (options XML cannot carry): {stats.waiting_for_api}")
             if stats.paused_until is not None:
                 print(f"paused until {stats.paused_until:%Y-%m-%d %H:%M:%S}Z: {stats.pause_reason}")
         elif args.action == "list":
@@ -311,6 +335,17 @@ async def _outbox(args: argparse.Namespace) -> int:
         elif args.action == "export":
             print(f"exported {await admin.export(args.path)} change(s) to {args.path}")
     return 0
+
+
+async def _salvage(admin: OutboxAdmin, new_path: str) -> int:
+    report = await admin.salvage(new_path)
+    copied = ", ".join(f"{table} {count}" for table, count in report.copied.items())
+    print(f"salvaged into {report.path.resolve()}: {copied}")
+    for problem in report.unreadable:
+        print(f"could not read: {problem}")
+    for change_id in report.lost_change_ids:
+        print(f"lost: {change_id}")
+    return 0 if report.complete else 1
 
 
 def _validate_xml(paths: Sequence[str]) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import engage_async as ea
+from engage_async._outbox import SqliteOutbox
 
 USER_AGENT = "EngageAsyncTests/1.0"
 
@@ -32,6 +33,14 @@ def make_config(base_url: str, api_key: str, tmp_path: Path, **overrides: Any) -
     }
     values.update(overrides)
     return ea.EngageConfig(**values)
+
+
+async def create_outbox(path: Path) -> None:
+    """Create an empty outbox at `path`, as an app's first EngageSession does: a flusher opens
+    only an outbox that exists.
+    """
+    outbox = await SqliteOutbox.open(path)
+    await outbox.close()
 
 
 def outbox_rows(path: Path) -> list[dict[str, Any]]:

@@ -372,7 +372,7 @@ def test_page_shapes(raw: object, expected: tuple[list[Any], int | None]) -> Non
 )
 def test_batch_id_shapes(raw: bytes) -> None:
     """A bulk POST/PATCH answers "BatchId", a string in the v2 swagger; objects are read too."""
-    call = _http.bulk_update("/api/v3", b"[]")
+    call = _http.bulk_update("/api/v3", "Member", b"[]")
 
     assert "b-1" == _http.read_batch_id(read_response(call, 202, JSON, raw))
 

@@ -544,9 +544,16 @@ async def test_flush_once_drains_the_outbox(
 
     report = counts(capsys.readouterr().out)
     assert 0 == code
-    assert {"sent", "created", "updated", "reconciled", "dead", "exported", "pending"} == set(
-        report
-    )
+    assert {
+        "sent",
+        "created",
+        "updated",
+        "reconciled",
+        "dead",
+        "exported",
+        "uploaded",
+        "pending",
+    } == set(report)
     assert (2, 2, 0, 0) == (report["sent"], report["created"], report["dead"], report["pending"])
     assert 1 == len(fake.find("email", "anna@example.com"))
     assert 1 == len(fake.find("email", "bo@example.com"))

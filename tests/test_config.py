@@ -494,6 +494,7 @@ WRONG: dict[str, list[object]] = {
     "sftp_key_path": [42, True, b"key", ["key"], "k\x00ey"],
     "sftp_known_hosts": [42, True, b"hosts", ["hosts"], "kn\x00own"],
     "sftp_dir": [None, 42, True, "", "a\x00b"],
+    "avoid_triggering_export": [None, 0, 1, "true", "yes", [True]],
 }
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import make_config
+from helpers import create_outbox, make_config
 
 import engage_async as ea
 from engage_async.testing import FakeEngage, RecordedRequest
@@ -202,24 +202,33 @@ async def test_bulk_requests_hold_at_most_bulk_max_items_of_one_contact_type(
 ) -> None:
     """A backlog at the threshold goes through the bulk endpoints, in chunks grouped by type.
 
-    Every bulk create names one contact type and carries only contacts of it, no request holds
-    more than `bulk_max_items` items, the updates go through PATCH /contacts/bulk, and no
-    change uses a single endpoint.
+    Every bulk request, creates and updates alike, names one contact type and carries only
+    contacts of it (FakeEngage, as Engage, refuses an update item of another type), no request
+    holds more than `bulk_max_items` items, and no change uses a single endpoint. The types
+    of contacts the outbox did not create are the ones the session read from Engage.
     """
     config = flusher_config(fake, tmp_path, bulk_threshold=3, bulk_max_items=3)
-    existing = [fake.add_contact({"email": f"e{i}@example.com"}) for i in range(3)]
+    existing = {
+        fake.add_contact(
+            {"email": f"e{i}@example.com"}, contact_type="Contact" if i % 2 else "Member"
+        ): "Contact" if i % 2 else "Member"
+        for i in range(4)
+    }
     types = {f"b{i}@example.com": "Contact" if i % 3 == 0 else "Member" for i in range(9)}
     async with ea.EngageSession(config) as engage:
+        for guid in existing:
+            await engage.get_contact(guid)  # the session learns each contact's type
         await fake.go_down()
         for email, kind in types.items():
             await engage.create_contact({"email": email}, contact_type=kind)
         for guid in existing:
             await engage.update_contact(guid, {"city": "Visby"})
         await fake.come_up()
+    fake.clear_requests()
     async with ea.OutboxFlusher(config) as flusher:
         report = await flusher.flush_once()
 
-    assert 0 == report.pending
+    assert (0, 0) == (report.pending, report.dead)
     creates = fake.requests_to("POST", BULK)
     assert creates
     for request in creates:
@@ -227,14 +236,17 @@ async def test_bulk_requests_hold_at_most_bulk_max_items_of_one_contact_type(
         assert 1 <= len(items) <= 3
         assert {request.query["contactType"]} == {types[item["email"]] for item in items}
     assert sorted(types) == sorted(item["email"] for r in creates for item in r.json())
-    updates = bulk_items(fake, "PATCH")
-    assert all(1 <= len(items) <= 3 for items in updates)
-    assert sorted(existing) == sorted(item["contactId"] for items in updates for item in items)
+    patches = fake.requests_to("PATCH", BULK)
+    for request in patches:
+        items = request.json()
+        assert 1 <= len(items) <= 3
+        assert {request.query["contactType"]} == {existing[item["contactId"]] for item in items}
+    assert sorted(existing) == sorted(item["contactId"] for r in patches for item in r.json())
     assert [] == fake.requests_to("POST", CONTACTS)
     assert [] == fake.requests_to("PATCH", f"{CONTACTS}/*-*")
     for email, kind in types.items():
         assert kind == contact_type(fake, one_id(fake, email))
-    assert ["Visby"] * 3 == [attribute(fake, guid, "city") for guid in existing]
+    assert ["Visby"] * 4 == [attribute(fake, guid, "city") for guid in existing]
 
 
 async def test_a_backlog_above_the_threshold_goes_bulk_even_when_chunks_are_smaller(
@@ -612,6 +624,8 @@ async def test_items_a_bulk_batch_rejects_are_dead_one_by_one(
     config = flusher_config(fake, tmp_path, bulk_threshold=3)
     known = [fake.add_contact({"email": f"k{i}@example.com"}) for i in range(3)]
     async with ea.EngageSession(config) as engage:
+        for guid in known:
+            await engage.get_contact(guid)  # their type is known: their updates go in bulk
         await fake.go_down()
         good = [await engage.create_contact({"email": f"g{i}@example.com"}) for i in range(3)]
         bad = await engage.create_contact({"email": "bad@example.com", "mobilePhone": "12"})
@@ -701,6 +715,7 @@ async def test_a_flusher_is_used_only_while_open(fake: FakeEngage, tmp_path: Pat
     be opened again; closing twice is harmless.
     """
     config = flusher_config(fake, tmp_path)
+    await create_outbox(config.outbox_path)
     flusher = ea.OutboxFlusher(config)
     with pytest.raises(RuntimeError, match="not open"):
         await flusher.flush_once()
@@ -726,7 +741,7 @@ async def test_a_started_flusher_drains_what_the_session_queues_without_being_as
     """
     config = flusher_config(fake, tmp_path, poll_interval=30.0)
     guid = fake.add_contact({"email": "app@example.com"})
-    async with ea.OutboxFlusher(config) as flusher, ea.EngageSession(config) as engage:
+    async with ea.EngageSession(config) as engage, ea.OutboxFlusher(config) as flusher:
         task = flusher.start()
         await asyncio.sleep(0.05)  # the first, empty flush is over; it now sleeps
         fake.inject("server_error", method="PATCH", status=503, times=config.retry_attempts)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import FakeClock
 from lxml import etree
 from test_flusher import (
     BULK,
@@ -464,6 +465,7 @@ async def test_bulk_refused_for_good_writes_xml_files_instead(
     config = flusher_config(fake, tmp_path, bulk_threshold=3)
     existing = fake.add_contact({"email": "known@example.com"})
     async with ea.EngageSession(config) as engage:
+        await engage.get_contact(existing)  # its type is known: its update goes in bulk
         await fake.go_down()
         create_ids = [
             (await engage.create_contact({"email": "x1@example.com", "firstName": "X"})).change_id,
@@ -663,7 +665,9 @@ async def test_two_flushers_on_one_file_never_send_a_change_twice(
 async def test_a_row_whose_lease_expired_is_delivered_by_another_flusher(
     fake: FakeEngage, tmp_path: Path
 ) -> None:
-    """An inflight row whose owner's lease ran out goes back to pending and is delivered."""
+    """An inflight row whose owner stopped renewing goes back to pending and is delivered,
+    once another flusher has seen the owner stand still for a whole lease on its own clock.
+    """
     config = flusher_config(fake, tmp_path)
     guid = fake.add_contact({"email": "leased@example.com"})
     async with ea.EngageSession(config) as engage:
@@ -675,9 +679,13 @@ async def test_a_row_whose_lease_expired_is_delivered_by_another_flusher(
         "UPDATE changes SET state = 'inflight', lease_owner = 'crashed:1', lease_until = ?",
         [time.time() - 1],
     )
-    async with ea.OutboxFlusher(config) as flusher:
+    clock = FakeClock(wall=time.time())
+    async with ea.OutboxFlusher(config, clock=clock) as flusher:
+        first = await flusher.flush_once()
+        clock.advance(config.lease_seconds)
         report = await flusher.flush_once()
 
+    assert (0, 1) == (first.updated, first.pending)
     assert (1, 0) == (report.updated, report.pending)
     row = by_change_id(config)[change]
     assert ("done", None) == (row["state"], row["lease_owner"])
@@ -765,9 +773,11 @@ async def test_a_create_reclaimed_after_its_flusher_died_is_looked_up_first(
     # The dead flusher's POST reached Engage before it died.
     guid = fake.add_contact({"email": "ghost@example.com", "firstName": "G"})
     posts = len(fake.requests_to("POST", CONTACTS))
-    await asyncio.sleep(0.25)
 
-    async with ea.OutboxFlusher(config) as flusher:
+    clock = FakeClock(wall=time.time())
+    async with ea.OutboxFlusher(config, clock=clock) as flusher:
+        await flusher.flush_once()  # sees the dead flusher's row, not yet its silence
+        clock.advance(config.lease_seconds)
         report = await flusher.flush_once()
 
     assert (0, 1, 0) == (report.created, report.reconciled, report.pending)
@@ -801,8 +811,8 @@ async def test_flush_once_settles_a_batch_whose_dead_owners_lease_runs_out_meanw
         [time.time() + 0.3],
     )
     fake.hold_batches = False
-    async with ea.OutboxFlusher(config) as second:
-        report = await asyncio.wait_for(second.flush_once(), 2)
+    async with ea.OutboxFlusher(config, clock=FakeClock(wall=time.time())) as second:
+        report = await asyncio.wait_for(second.flush_once(), 10)
 
     assert (2, 0) == (report.created, report.pending)
     assert ["finished"] == [b["state"] for b in query(config, "SELECT state FROM batches")]
@@ -831,7 +841,7 @@ async def test_a_running_flusher_survives_an_unreadable_answer(
         content_type="text/html",
         times=1,
     )
-    async with ea.OutboxFlusher(config) as flusher, ea.EngageSession(config) as engage:
+    async with ea.EngageSession(config) as engage, ea.OutboxFlusher(config) as flusher:
         await fake.go_down()
         await queue_update(engage, first, {"firstName": "One"})
         await fake.come_up()

@@ -319,17 +319,20 @@ def test_point_accounts() -> None:
 
 
 def test_bulk_calls() -> None:
-    """Bulk create (POST, contactType in the query), update (PATCH) and status (batchId).
+    """Bulk create (POST) and update (PATCH), each with its contactType in the query (and the
+    update with avoidTriggeringExport when asked), and status (batchId).
 
     None of them is a contact call, and the writes are not retried blindly.
     """
     create = _http.bulk_create(V3, "Member", b"[]")
-    update = _http.bulk_update(V3, b"[]")
+    update = _http.bulk_update(V3, "Contact", b"[]")
+    quiet = _http.bulk_update(V3, "Member", b"[]", avoid_triggering_export=True)
     status = _http.bulk_status(V3, "abc")
 
+    assert (("contactType", "Member"), ("avoidTriggeringExport", "true")) == quiet.query
     assert [
         ("POST", "/api/v3/contacts/bulk", (("contactType", "Member"),), False, False),
-        ("PATCH", "/api/v3/contacts/bulk", (), False, False),
+        ("PATCH", "/api/v3/contacts/bulk", (("contactType", "Contact"),), False, False),
         ("GET", "/api/v3/contacts/bulk/status", (("batchId", "abc"),), True, False),
     ] == [
         (c.method, c.path, c.query, c.idempotent, c.contact_call) for c in (create, update, status)

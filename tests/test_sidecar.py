@@ -35,7 +35,7 @@ pytestmark = pytest.mark.slow
 
 REPORT = re.compile(
     r"sent (\d+), created (\d+), updated (\d+), reconciled (\d+), dead (\d+), "
-    r"exported (\d+), pending (\d+)"
+    r"exported (\d+), uploaded (\d+), pending (\d+)"
 )
 # Startup of a fresh interpreter with aiohttp and lxml is the slow part.
 PROCESS_TIMEOUT = 30.0
@@ -90,7 +90,7 @@ async def flush_once(env: Mapping[str, str], log: Path) -> tuple[int, dict[str, 
     output = log.read_text(encoding="utf-8")
     printed = [match for match in map(REPORT.fullmatch, output.splitlines()) if match]
     assert len(printed) == 1, output[-3000:]
-    names = ("sent", "created", "updated", "reconciled", "dead", "exported", "pending")
+    names = ("sent", "created", "updated", "reconciled", "dead", "exported", "uploaded", "pending")
     return status, dict(zip(names, map(int, printed[0].groups()), strict=True))
 
 
@@ -116,6 +116,7 @@ async def test_flush_once_drains_the_outbox_and_prints_the_counts(
         "reconciled": 0,
         "dead": 0,
         "exported": 0,
+        "uploaded": 0,
         "pending": 0,
     }
     assert (0, expected) == (status, counts)

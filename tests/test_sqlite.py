@@ -36,6 +36,26 @@ def test_aiosqlite_still_has_the_private_seam() -> None:
     assert isinstance(aiosqlite.Connection._conn, property)
 
 
+def test_aiosqlite_still_makes_its_thread_before_starting_it() -> None:
+    """The second seam: aiosqlite builds the connection's worker thread, not a daemon, when
+    the connection object is made, and starts it only when it is awaited; Database.open makes
+    it a daemon in between. If aiosqlite changes that, this fails first.
+    """
+    pending = aiosqlite.connect(":memory:")
+
+    assert isinstance(pending._thread, threading.Thread)
+    assert (False, False) == (pending._thread.daemon, pending._thread.is_alive())
+
+
+async def test_the_connection_thread_is_a_daemon(db: Database) -> None:
+    """The thread serving a Database is a running daemon: a connection nobody closed (an app
+    that crashed) cannot keep the interpreter from exiting.
+    """
+    thread = db._connection._thread
+
+    assert (True, True) == (thread.daemon, thread.is_alive())
+
+
 async def test_write_runs_the_whole_transaction_on_one_thread(db: Database) -> None:
     """Every statement of a write runs on the connection's thread, not the event loop's,
     inside one immediate transaction that is committed when write returns.

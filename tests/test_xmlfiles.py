@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -10,12 +13,19 @@ import pytest
 from lxml import etree
 
 from engage_async._xmlfiles import (
+    MAX_CONTACT_SIZE,
     MAX_CONTACTS_PER_FILE,
+    MAX_FIELD_DEPTH,
     NAMESPACE,
     XmlContact,
     XmlContentError,
     build_contact,
     check_contact,
+    digest,
+    find_written,
+    only_custom_fields,
+    place,
+    render,
     schema_path,
     validate_file,
     write_file,
@@ -398,8 +408,8 @@ def test_write_file_writes_utf8_with_an_xml_declaration(tmp_path: Path) -> None:
 def test_write_file_structure(tmp_path: Path) -> None:
     """The document is <contacts> holding <new> holding the contacts, in the order given."""
     contacts = [
-        build_contact(1, "Member", {"email": "anna@example.com"}),
-        build_contact(2, "Contact", {"firstName": "Bo"}, contact_id=GUID),
+        build_contact(1, "Member", {"firstName": "Anna"}, contact_id=GUID),
+        build_contact(2, "Contact", {"firstName": "Bo"}, contact_id=GUID.upper()),
     ]
 
     path = write_file(tmp_path, contacts, now=NOW)
@@ -468,19 +478,22 @@ def test_write_file_refuses_an_invalid_document(tmp_path: Path) -> None:
 
 
 def test_validate_file_accepts_a_written_file(tmp_path: Path) -> None:
-    """A file write_file wrote validates with no problems."""
-    contacts = [
+    """Files write_file wrote, one of creates and one of updates, validate with no problems."""
+    creates = [
         member(1, preferences={"acceptsEmail": True}, birthDay=None),
+        build_contact(3, "VipCustomer", {"email": "vip@example.com"}),
+    ]
+    updates = [
         build_contact(
             2,
             "Member",
             {"consents": [{"id": "c1", "value": True, "date": "2021-01-26T15:10:17+0100"}]},
             contact_id=GUID,
         ),
-        build_contact(3, "VipCustomer", {"email": "vip@example.com"}),
     ]
 
-    assert [] == validate_file(write_file(tmp_path, contacts, now=NOW))
+    assert [] == validate_file(write_file(tmp_path, creates, now=NOW))
+    assert [] == validate_file(write_file(tmp_path, updates, now=NOW))
 
 
 @pytest.mark.parametrize(
@@ -579,3 +592,298 @@ def test_schema_path_points_at_the_xsd() -> None:
     assert path.is_file()
     assert "contacts-import.xsd" == path.name
     etree.XMLSchema(etree.parse(str(path)))
+
+
+# --- whatever a row holds: bounded building -----------------------------------------------------
+
+
+def nested(levels: int) -> Any:
+    """A value nested `levels` mappings deep (built without recursion)."""
+    value: Any = "bottom"
+    for _ in range(levels):
+        value = {"level": value}
+    return value
+
+
+def refusal(fields: Any, **kwargs: Any) -> str:
+    """The message of the XmlContentError building and checking `fields` raises."""
+    with pytest.raises(XmlContentError) as info:
+        check_contact(build_contact(1, "Member", fields, **kwargs))
+    message = str(info.value)
+    message.encode()  # storable and printable: no lone surrogate
+    return message
+
+
+@pytest.mark.parametrize("levels", [MAX_FIELD_DEPTH, 250, 5000])
+def test_a_contact_nested_too_deep_is_refused_without_recursion(levels: int) -> None:
+    """Nesting beyond MAX_FIELD_DEPTH is an XmlContentError naming the field, even 5000
+    levels deep (far past Python's recursion limit): building never recurses.
+    """
+    message = refusal({"email": "anna@example.com", "deep": nested(levels)})
+
+    assert "deep.level" in message
+    assert f"nested more than {MAX_FIELD_DEPTH} levels deep" in message
+    assert "bottom" not in message
+    assert len(message) < 300
+
+
+def test_nesting_up_to_the_limit_is_written() -> None:
+    """A field nested exactly MAX_FIELD_DEPTH levels (counting itself) is built and valid."""
+    contact = build_contact(1, "Member", {"email": "a@example.com", "deep": nested(15)})
+
+    check_contact(contact)
+    assert ["email", "deep"] == child_names(contact.element)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"email": "anna@example.com", "note": "SecretValue" * 1_000_000},
+        {"email": "anna@example.com", "notes": ["SecretValue"] * 1_000_000},
+        {"email": "anna@example.com", "notes": {f"n{i}": "SecretValue" for i in range(200_000)}},
+    ],
+    ids=["11-MB-value", "million-items", "huge-mapping"],
+)
+def test_a_contact_larger_than_the_bound_is_refused(fields: dict[str, Any]) -> None:
+    """A contact holding more than MAX_CONTACT_SIZE of text, or so many fields that their
+    elements would, is an XmlContentError that names no value.
+    """
+    message = refusal(fields)
+
+    assert f"larger than {MAX_CONTACT_SIZE // 1024} KiB" in message
+    assert "SecretValue" not in message
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"email": "anna@example.com", "note": "Secret\ud800Value"}, "note"),
+        ({"email": "anna@example.com", "note": "Secret\x00Value"}, "note"),
+        ({"email": "anna@example.com", "note\ud800": "SecretValue"}, "note\\ud800"),
+        ({"email": "anna@example.com", "bad\x00name": "SecretValue"}, "bad\\x00name"),
+        ({"email": "anna@example.com", "k" * 10_000 + " x": "SecretValue"}, "k" * 80 + "..."),
+    ],
+    ids=["lone-surrogate", "nul", "surrogate-in-name", "nul-in-name", "10k-name"],
+)
+def test_a_value_or_name_xml_cannot_carry_is_refused_with_a_storable_reason(
+    fields: dict[str, Any], named: str
+) -> None:
+    """A lone surrogate or NUL, in a value or a name, is an XmlContentError whose message
+    shows the field escaped and cut short (it must be storable as UTF-8 in the dead letter),
+    never the value.
+    """
+    message = refusal(fields)
+
+    assert named in message
+    assert "Secret" not in message
+
+
+@pytest.mark.parametrize("body", [["a", "list"], "text", 42])
+def test_a_body_that_is_not_an_object_is_refused(body: Any) -> None:
+    """A row whose body is not an object of fields is an XmlContentError, not a TypeError."""
+    message = refusal(body)
+
+    assert "not an object of fields" in message
+
+
+def test_an_integer_too_long_to_print_is_refused() -> None:
+    """An integer Python refuses to turn into text (over 4300 digits) is an XmlContentError
+    naming the field.
+    """
+    message = refusal({"email": "anna@example.com", "points": 10**5000})
+
+    assert "points" in message
+
+
+def test_a_contact_type_with_a_lone_surrogate_is_refused_storably() -> None:
+    """A contact type that is no XML name is refused with a message that can be stored."""
+    with pytest.raises(XmlContentError) as info:
+        build_contact(1, "Vip\ud800", {"email": "anna@example.com"})
+
+    assert "Vip\\ud800" in str(info.value)
+    str(info.value).encode()
+
+
+# --- creates and updates apart ------------------------------------------------------------------
+
+
+def test_render_refuses_a_file_mixing_creates_and_updates() -> None:
+    """Creates and updates never share a file: render refuses a mix (contactId on some)."""
+    mixed = [member(1), build_contact(2, "Member", {"firstName": "Bo"}, contact_id=GUID)]
+
+    with pytest.raises(XmlContentError, match="contactId is on 1 of 2 contacts"):
+        render(mixed)
+
+
+def test_validate_file_reports_a_file_mixing_creates_and_updates(tmp_path: Path) -> None:
+    """A file where some contacts carry contactId and others do not is reported: the XSD
+    cannot say it (XSD 1.0), validate_file does. A file of creates only, or of updates only,
+    passes.
+    """
+    mixed = tmp_path / "mixed.xml"
+    mixed.write_bytes(
+        document(
+            "<member><email>anna@example.com</email></member>"
+            f"<member><contactId>{GUID}</contactId><firstName>Bo</firstName></member>"
+        )
+    )
+    creates = tmp_path / "creates.xml"
+    creates.write_bytes(document("<member><email>anna@example.com</email></member>" * 2))
+    updates = tmp_path / "updates.xml"
+    updates.write_bytes(
+        document(f"<member><contactId>{GUID}</contactId><firstName>Bo</firstName></member>" * 2)
+    )
+
+    problems = validate_file(mixed)
+
+    assert 1 == len(problems)
+    assert "never both" in problems[0]
+    assert ([], []) == (validate_file(creates), validate_file(updates))
+
+
+# --- avoidTriggeringExport --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("contact", "qualifies"),
+    [
+        (build_contact(1, "Member", {"bonusLevel": 2, "vip": True}, contact_id=GUID), True),
+        (build_contact(1, "Member", {"bonusLevel": 2, "firstName": "A"}, contact_id=GUID), False),
+        (
+            build_contact(1, "Member", {"preferences": {"acceptsSms": True}}, contact_id=GUID),
+            False,
+        ),
+        (build_contact(1, "Member", {"bonusLevel": 2, "email": "a@example.com"}), False),
+        (build_contact(1, "Member", {"bonusLevel": 2}), False),
+    ],
+    ids=["custom-only", "first-name", "preferences", "create-with-email", "create-custom"],
+)
+def test_only_custom_fields(contact: XmlContact, qualifies: bool) -> None:
+    """A contact qualifies for avoidTriggeringExport only with a contactId and non-standard
+    fields: a standard field (firstName, preferences) or no contactId (a create) spoils it.
+    """
+    assert qualifies == only_custom_fields(contact)
+
+
+def test_render_sets_avoid_triggering_export_on_the_root() -> None:
+    """render(avoid_triggering_export=True) writes avoidTriggeringExport="true" on the root."""
+    contact = build_contact(1, "Member", {"bonusLevel": 2}, contact_id=GUID)
+
+    with_flag = etree.fromstring(render([contact], avoid_triggering_export=True))
+    without = etree.fromstring(render([contact]))
+
+    assert ("true", None) == (
+        with_flag.get("avoidTriggeringExport"),
+        without.get("avoidTriggeringExport"),
+    )
+
+
+def test_avoid_triggering_export_on_a_standard_field_is_refused(tmp_path: Path) -> None:
+    """A file carrying avoidTriggeringExport with a standard field in it, which Engage fails
+    whole, is refused by render and reported by validate_file.
+    """
+    contact = build_contact(1, "Member", {"firstName": "Anna"}, contact_id=GUID)
+    path = tmp_path / "contacts.xml"
+    path.write_bytes(
+        document(
+            f"<member><contactId>{GUID}</contactId><firstName>Anna</firstName></member>"
+        ).replace(b"<contacts ", b'<contacts avoidTriggeringExport="true" ')
+    )
+
+    with pytest.raises(XmlContentError, match="avoidTriggeringExport"):
+        render([contact], avoid_triggering_export=True)
+    assert any("avoidTriggeringExport" in problem for problem in validate_file(path))
+
+
+# --- permissions --------------------------------------------------------------------------------
+
+
+@pytest.fixture(name="umask", params=[0o000, 0o022, 0o077])
+def umask_fixture(request: pytest.FixtureRequest) -> Iterator[int]:
+    """The process umask set to each value for the test, and restored after it."""
+    previous = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(previous)
+
+
+def mode(path: Path) -> int:
+    """The permission bits of `path`."""
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_files_are_0600_and_directories_0700_whatever_the_umask(tmp_path: Path, umask: int) -> None:
+    """Import files hold personal data: each is 0600 and the xml_dir (and any parent it had
+    to create) 0700, whatever the umask.
+    """
+    directory = tmp_path / "spool" / "xml"
+
+    path = write_file(directory, [member()], now=NOW)
+
+    assert (0o600, 0o700, 0o700) == (mode(path), mode(directory), mode(directory.parent))
+
+
+def test_an_existing_directory_keeps_its_mode(tmp_path: Path) -> None:
+    """An xml_dir that exists is its owner's: its mode is left as it was."""
+    directory = tmp_path / "xml"
+    directory.mkdir()
+    directory.chmod(0o750)
+
+    path = write_file(directory, [member()], now=NOW)
+
+    assert (0o600, 0o750) == (mode(path), mode(directory))
+
+
+# --- names: never one used in sent/ -------------------------------------------------------------
+
+
+def test_write_file_skips_names_already_used_in_sent(tmp_path: Path) -> None:
+    """A name the uploader already sent (in sent/) is never used again, so two files never
+    share a name on Engage's server.
+    """
+    sent = tmp_path / "sent"
+    sent.mkdir()
+    (sent / f"{STAMP}_1_contacts.xml").write_bytes(b"uploaded before")
+    (sent / f"{STAMP}_2_contacts.xml").write_bytes(b"uploaded before")
+
+    path = write_file(tmp_path, [member()], now=NOW)
+
+    assert f"{STAMP}_3_contacts.xml" == path.name
+
+
+def test_place_counts_the_same_bytes_as_written_and_refuses_others(tmp_path: Path) -> None:
+    """place() links new bytes into place; the same bytes already there (the file written
+    before a crash) count as written, and a different file under the name is left alone.
+    """
+    name = f"{STAMP}_1_contacts.xml"
+    data = render([member()])
+
+    first = place(tmp_path, name, data)
+    again = place(tmp_path, name, data)
+    other = place(tmp_path, name, render([member(2, firstName="Bo")]))
+
+    assert (tmp_path / name, tmp_path / name, None) == (first, again, other)
+    assert data == (tmp_path / name).read_bytes()
+
+
+def test_find_written_finds_a_file_the_uploader_moved_or_renamed(tmp_path: Path) -> None:
+    """A planned file is found by its bytes where the uploader put it: in sent/, even under
+    a later sequence of its timestamp; another file's bytes are not taken for it, nor the
+    same bytes under an earlier sequence (an earlier, identical change).
+    """
+    data = render([member()])
+    (tmp_path / "sent").mkdir()
+    (tmp_path / "sent" / f"{STAMP}_3_contacts.xml").write_bytes(data)
+    (tmp_path / f"{STAMP}_2_contacts.xml").write_bytes(b"another file")
+    (tmp_path / "sent" / f"{STAMP}_1_contacts.xml").write_bytes(data)
+
+    found = find_written(tmp_path, f"{STAMP}_2_contacts.xml", digest(data))
+    missing = find_written(tmp_path, f"{STAMP}_2_contacts.xml", digest(b"not written"))
+    not_earlier = find_written(tmp_path, f"{STAMP}_4_contacts.xml", digest(data))
+
+    assert (tmp_path / "sent" / f"{STAMP}_3_contacts.xml", None, None) == (
+        found,
+        missing,
+        not_earlier,
+    )

@@ -120,9 +120,8 @@ class FakeEngage:
             bulk request without `contactType` is applied under it.
         strict_bulk_types: as Engage does, fail each bulk update item whose contact is not of
             the request's contact type (`ContactTypeMismatch` in the batch status, nothing
-            applied). Off by default for now: engage-async's flusher still sends bulk updates
-            without `contactType`; the default turns on once it does. May be changed at any
-            time; it applies to batches processed after the change.
+            applied). On by default; off takes every item whatever its type. May be changed
+            at any time; it applies to batches processed after the change.
         shapes: how to word the answers Engage publishes no schema for, by shape name; see
             `shapes` below. Unnamed shapes keep their defaults.
     """
@@ -136,7 +135,7 @@ class FakeEngage:
     rate_limit: float | None = 200.0
     record_requests: bool = True
     default_contact_type: str = "Member"
-    strict_bulk_types: bool = False
+    strict_bulk_types: bool = True
     shapes: dict[str, str] = attrs.field(factory=dict, converter=checked_shapes)
     """The chosen answer shapes, by name: ``error_body`` (``error_code``, ``code_detail``,
     ``error``, ``string``), ``contact_id`` (``string``, ``contactId``, ``id``), ``batch_id``
