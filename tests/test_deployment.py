@@ -48,6 +48,9 @@ TROUBLE: Final = re.compile(
     r"outbox commit failed|outbox unavailable|could not renew leases|flush failed|"
     r"OutboxError|Traceback|dead-lettered|answered 429|\bERROR\b|\bCRITICAL\b"
 )
+# The lines the race of test_an_update_by_ref_committed_as_its_create_is_delivered_is_applied
+# leaves; see test_three_apps_a_sidecar_and_an_outage_deliver_everything_once_within_the_rate.
+KNOWN_RACE: Final = re.compile(r"dead-lettered \d+ change\(s\): CreateGone x\d+$")
 STATS_LINE: Final = re.compile(r"(pending|inflight|waiting_guid|done|dead)\s+(\d+)")
 
 
@@ -200,7 +203,10 @@ class Deployment:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
             )
-            output, _ = await child.communicate()
+            try:
+                output, _ = await child.communicate()
+            finally:
+                await stop_process(child)  # when cancelled mid-run: not left behind
             assert child.returncode is not None
             self.stats_runs.append((child.returncode, output.decode()))
             await asyncio.sleep(every)
@@ -223,7 +229,11 @@ class Deployment:
         """What any process logged of `TROUBLE`, and every app call that raised."""
         found = []
         for process in self.processes:
-            found += [f"{process.name}: {m.group(0)}" for m in TROUBLE.finditer(process.stderr())]
+            found += [
+                f"{process.name}: {line}"
+                for line in process.stderr().splitlines()
+                if TROUBLE.search(line)
+            ]
             found += [
                 f"{process.name}: {line}" for line in process.lines if line.startswith("error")
             ]
@@ -286,8 +296,9 @@ async def test_three_apps_a_sidecar_and_an_outage_deliver_everything_once_within
     """
     async with deployment(tmp_path, RATE) as setup:
         fake = setup.fake
-        sidecar = await setup.start_sidecar()
         apps = [await setup.start_app(name, flusher=name == "a1") for name in APPS]
+        # Only a session creates the outbox; the sidecar refuses to start without one.
+        sidecar = await setup.start_sidecar()
         stats = asyncio.create_task(setup.stats_now_and_then(0.5))
         try:
             for app in apps:
@@ -309,11 +320,14 @@ async def test_three_apps_a_sidecar_and_an_outage_deliver_everything_once_within
                 await stats
         exit_times = {p.name: await p.terminate() for p in [sidecar, *apps]}
         print(f"\nexit after SIGTERM (idle): {exit_times}")
-        lost = [row for row in setup.rows() if row["error_code"] == "CreateGone"]
-        if lost:
-            # Remove once test_an_update_by_ref_committed_as_its_create_is_delivered_is_applied
-            # passes: the race it pins hits this test now and then.
-            pytest.xfail(f"an update by ref went dead CreateGone ({len(lost)}): the known race")
+        # The race pinned by test_an_update_by_ref_committed_as_its_create_is_delivered_is_applied
+        # hits this test now and then: its victims are left out below, and the test ends as
+        # an expected failure. Remove once that test passes.
+        rows = setup.rows()
+        gone = {row["ref"] for row in rows if row["error_code"] == "CreateGone" and row["ref"]}
+        lost = {
+            row["key_value"] for row in rows if row["operation"] == "create" and row["ref"] in gone
+        }
 
         outcomes = {
             when: [
@@ -335,7 +349,7 @@ async def test_three_apps_a_sidecar_and_an_outage_deliver_everything_once_within
             f"app calls {told}; stats runs {len(setup.stats_runs)}; "
             f"peak {fake.peak_rate(1.0)} requests in a second of {len(fake.requests)}"
         )
-        assert [] == setup.failures()
+        assert [] == [line for line in setup.failures() if not (lost and KNOWN_RACE.search(line))]
         # The outage came in the middle: answered before it, queued during it, and answered
         # again after it (for contacts with nothing waiting).
         assert (True, True, True) == (
@@ -358,13 +372,17 @@ async def test_three_apps_a_sidecar_and_an_outage_deliver_everything_once_within
         for email, (guid,) in found.items():
             attributes = fake.contact_json(guid)["attributes"]
             actual[email] = (attributes["firstName"], attributes["city"])
-        assert expected == actual
-        assert {"done"} == set(setup.states())
+        assert {e: v for e, v in expected.items() if e not in lost} == {
+            e: v for e, v in actual.items() if e not in lost
+        }
+        assert [] == [row for row in rows if row["state"] != "done" and row["ref"] not in gone]
         assert fake.peak_rate(1.0) <= RATE
         assert setup.stats_runs
         assert [0] * len(setup.stats_runs) == [status for status, _ in setup.stats_runs]
         for _, output in setup.stats_runs:
             assert 5 == len(STATS_LINE.findall(output)), output
+        if lost:
+            pytest.xfail(f"{len(lost)} update(s) by ref lost to CreateGone: the known race")
 
 
 # --- SIGTERM in the middle of draining thousands of creates ----------------------------------
