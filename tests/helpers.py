@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import math
 import sqlite3
+import sys
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -308,3 +309,47 @@ class FakeClock:
             while not found():
                 self._sleepers_changed.clear()
                 await self._sleepers_changed.wait()
+
+
+# --- subprocesses (test_budget, test_deployment) -------------------------------------------
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+async def start_script(
+    script: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    log: Path | None = None,
+) -> asyncio.subprocess.Process:
+    """Start a Python script of ours with pipes for stdin and stdout; stderr goes to `log`
+    (appended), or stays the test's own.
+    """
+    with contextlib.ExitStack() as stack:
+        stderr = stack.enter_context(log.open("ab")) if log is not None else None
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(script),
+            *args,
+            env=env,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=stderr,
+        )
+
+
+async def read_line(process: asyncio.subprocess.Process, timeout: float) -> str:
+    """The next line the process prints, stripped; fails on end of output or after `timeout`."""
+    assert process.stdout is not None
+    line = await asyncio.wait_for(process.stdout.readline(), timeout)
+    if not line:
+        raise AssertionError(f"the process ended (status {await process.wait()}) without a line")
+    return line.decode().strip()
+
+
+async def stop_process(process: asyncio.subprocess.Process) -> None:
+    """Kill the process if it still runs, and reap it (a test's `finally`)."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
