@@ -30,7 +30,7 @@ from ._errors import (
 )
 from ._flush_run import FlushRun, Stopped
 from ._keys import lookup_parameter
-from ._retry import jittered_delays
+from ._retry import half_jittered_delays
 from ._transport import Transport
 from ._wire import contact_id_from_engage
 
@@ -38,7 +38,8 @@ __all__ = ["BackgroundCalls", "Outage", "multiple_matches"]
 
 # Tries of a call Engage answers 429: each goes at the pace the 429 lowered.
 _THROTTLED_TRIES = 4
-# The backoff between them when Engage gives no Retry-After (full jitter, doubling).
+# The backoff between them when Engage gives no Retry-After (doubling, jittered): the three
+# waits add up to 1.75-3.5 s, past the one-second window Engage counts in.
 _THROTTLED_FIRST_WAIT = 0.5
 _THROTTLED_LONGEST_WAIT = 4.0
 
@@ -86,7 +87,7 @@ class BackgroundCalls:
             RateLimited: still 429 after `_THROTTLED_TRIES` tries.
             EngageHTTPError: Engage answered with an error status.
         """
-        backoffs = jittered_delays(_THROTTLED_FIRST_WAIT, _THROTTLED_LONGEST_WAIT)
+        backoffs = half_jittered_delays(_THROTTLED_FIRST_WAIT, _THROTTLED_LONGEST_WAIT)
         for attempt in range(1, _THROTTLED_TRIES + 1):
             status, headers, body = await self._send(call, run)
             try:

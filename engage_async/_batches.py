@@ -8,15 +8,17 @@ that ties Engage's per-item failures to outbox rows.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Collection
 from typing import Any
 
 from . import _http
-from ._background import BackgroundCalls, Outage
+from ._background import BackgroundCalls
 from ._changes import Batch, Change, Operation
 from ._config import EngageConfig
-from ._errors import EngageHTTPError
+from ._errors import EngageHTTPError, OutboxError
 from ._flush_run import FlushRun
 from ._redact import scrub
 
@@ -96,21 +98,27 @@ class BatchFollower:
         batches = await store.claim_batches(
             run.owner, limit=_BATCHES_PER_STEP, lease_seconds=self.config.lease_seconds
         )
-        for index, batch in enumerate(batches):
-            call = _http.bulk_status(self.config.api_root, batch.batch_id)
-            try:
-                data = await self._calls.request(call, run)
-            except (Outage, EngageHTTPError) as exc:
-                await store.unlease_batches(
-                    run.owner, [later.batch_id for later in batches[index:]]
-                )
-                if isinstance(exc, Outage):
-                    raise
-                if exc.status == 404:
+        polled = 0
+        try:
+            for batch in batches:
+                call = _http.bulk_status(self.config.api_root, batch.batch_id)
+                try:
+                    data = await self._calls.request(call, run)
+                except EngageHTTPError as exc:
+                    if exc.status != 404:
+                        raise self._calls.outage_for(exc) from exc
                     await self._settle_unknown(batch.batch_id, {"error": str(exc)}, run)
-                    continue
-                raise self._calls.outage_for(exc) from exc
-            await self._after_poll(batch, data, run)
+                else:
+                    await self._after_poll(batch, data, run)
+                polled += 1
+        finally:
+            if polled < len(batches):
+                # An outage or a stop: the batches not polled go back as they were, so the
+                # next flusher need not wait for this one's lease to run out.
+                with contextlib.suppress(OutboxError):
+                    await asyncio.shield(
+                        store.unlease_batches(run.owner, [b.batch_id for b in batches[polled:]])
+                    )
         return bool(batches)
 
     async def _after_poll(self, batch: Batch, data: Any, run: FlushRun) -> None:

@@ -60,8 +60,10 @@ MAX_SLOTS: Final = 256
 _SLACK: Final = 0.005
 # A slot held longer than this belongs to a process that died with a request out.
 _LONGEST_HOLD: Final = 600.0
-# A time this far ahead of now was written by another boot: treat it as past.
-_IMPOSSIBLE_LEAD: Final = 3600.0
+# Processes read the monotonic clock before they take the file's lock, so one may see a time
+# another wrote a moment "ahead". A time further ahead than this (beyond the window a free
+# time may be set ahead by) was written by another boot, whose clock ran further: past.
+_CLOCK_DISAGREEMENT: Final = 1.0
 # After a 429: the share of slots in use is cut by this factor, at most once a window...
 _CUT: Final = 0.5
 _LOWEST_SCALE: Final = 0.05
@@ -116,6 +118,8 @@ class Slots(Protocol):
     last_cut: float
     rate_warned: bool
     blocked_until: float
+    # The longest window any process on the key frees a slot after (rates may differ).
+    window: float
 
 
 @attrs.define
@@ -127,6 +131,7 @@ class Record:
     last_cut: float = -math.inf
     rate_warned: bool = False
     blocked_until: float = 0.0
+    window: float = 1.0 + _SLACK
 
 
 def usable(record: Slots) -> int:
@@ -134,12 +139,16 @@ def usable(record: Slots) -> int:
     return max(1, min(len(record.slots), math.floor(len(record.slots) * record.scale)))
 
 
-def _free_at(value: float, now: float) -> float | None:
-    """When a slot is free (None while a live request holds it)."""
+def _free_at(value: float, now: float, window: float) -> float | None:
+    """When a slot is free (None while a live request holds it).
+
+    Times from another boot (the budget file outlives a reboot, the monotonic clock does
+    not) are past: a slot is never freed more than a window ahead, nor taken in the future.
+    """
     if value >= 0:
-        return now if value - now > _IMPOSSIBLE_LEAD else value
+        return now if value - now > window + _CLOCK_DISAGREEMENT else value
     taken = -value - 1
-    if taken - now > _IMPOSSIBLE_LEAD or now - taken > _LONGEST_HOLD:
+    if taken - now > _CLOCK_DISAGREEMENT or now - taken > _LONGEST_HOLD:
         return now  # another boot's, or its holder died with the request out
     return None
 
@@ -150,10 +159,11 @@ def take(record: Slots, now: float, priority: Priority) -> tuple[int | None, flo
 
     Background work takes a slot only while more than `INTERACTIVE_RESERVE` are free.
     """
-    if now < record.blocked_until <= now + _IMPOSSIBLE_LEAD:
+    if now < record.blocked_until <= now + _LONGEST_HOLD + _CLOCK_DISAGREEMENT:
         return None, record.blocked_until - now  # Engage asked everyone to wait (Retry-After)
     count = usable(record)
     slots = record.slots
+    window = record.window
     needed = 1
     if priority is Priority.BACKGROUND:
         needed += min(INTERACTIVE_RESERVE, count - 1)
@@ -161,13 +171,15 @@ def take(record: Slots, now: float, priority: Priority) -> tuple[int | None, flo
     # The common case, with slots to spare, stops at the first few.
     for index in range(count):
         value = slots[index]
-        if 0 <= value <= now or ((at := _free_at(value, now)) is not None and at <= now):
+        if 0 <= value <= now or ((at := _free_at(value, now, window)) is not None and at <= now):
             found.append(index)
             if len(found) >= needed:
                 slots[found[0]] = -now - 1
                 return found[0], 0.0
     upcoming = sorted(
-        at for value in slots[:count] if (at := _free_at(value, now)) is not None and at > now
+        at
+        for value in slots[:count]
+        if (at := _free_at(value, now, window)) is not None and at > now
     )
     missing = needed - len(found)
     if len(upcoming) >= missing:
@@ -211,8 +223,8 @@ _MAGIC: Final = b"EABUDGT2"
 _KEYS: Final = 8
 _KEY_BYTES: Final = 16
 # After the key, eight doubles of pace (slot count, scale, last cut, warned, blocked until,
-# 3 spare), then
-# the slot times: all 8-byte aligned, so the file is read in place as doubles.
+# window, 2 spare), then the slot times: all 8-byte aligned, so the file is read in place as
+# doubles.
 _META: Final = 8
 _RECORD_BYTES: Final = _KEY_BYTES + 8 * (_META + MAX_SLOTS)
 _SIZE: Final = 64 + _KEYS * _RECORD_BYTES
@@ -264,6 +276,15 @@ class _FileRecord:
     def blocked_until(self, value: float) -> None:
         self._doubles[4] = value
 
+    @property
+    def window(self) -> float:
+        value = float(self._doubles[5])
+        return value if value > 0 else 1.0 + _SLACK
+
+    @window.setter
+    def window(self, value: float) -> None:
+        self._doubles[5] = value
+
 
 class BudgetFile:
     """Records of up to eight keys in a file every process maps, changed under `flock`.
@@ -300,6 +321,7 @@ class BudgetFile:
         # flock excludes other processes; threads of this one (several event loops) need
         # their own lock.
         self._thread_lock = threading.Lock()
+        self._mixed_rates: set[bytes] = set()
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -312,20 +334,21 @@ class BudgetFile:
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
-    def change(self, key: bytes, slots: int, change: Callable[[Slots], _T]) -> _T:
-        """Run `change` on the record of `key` (made with `slots` free slots if new, resized
-        if the rate changed), atomically across processes.
+    def change(self, key: bytes, shape: Shape, change: Callable[[Slots], _T]) -> _T:
+        """Run `change` on the record of `key` as seen at `shape` (its slots free if new),
+        atomically across processes.
         """
         with self._thread_lock:
             if self._fd < 0:
-                return change(self._record(key, slots))
+                return change(self._record(key, shape))
             fcntl.flock(self._fd, fcntl.LOCK_EX)
             try:
-                return change(self._record(key, slots))
+                return change(self._record(key, shape))
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
 
-    def _record(self, key: bytes, slots: int) -> _FileRecord:
+    def _record(self, key: bytes, shape: Shape) -> _FileRecord:
+        slots = shape.slots
         cached = self._records.get(key)
         # Another process may have moved the key (a ninth key reusing the first record).
         if cached is None or cached[0] != key:
@@ -334,9 +357,22 @@ class BudgetFile:
             cached = (self._view[offset : offset + _KEY_BYTES], doubles, {})
             self._records[key] = cached
         _, doubles, views = cached
-        if doubles[0] != slots:
-            # New, or another process runs with another rate: the slots restart free.
+        if doubles[0] == 0:
+            # New: every slot free.
             doubles[0 : _META + MAX_SLOTS] = array("d", [slots] + [0.0] * (_META - 1 + MAX_SLOTS))
+            doubles[5] = shape.window
+        elif doubles[0] != slots or doubles[5] < shape.window:
+            # Another process runs the key at another rate. Each uses the first slots of one
+            # array as many as its rate gives, so together they never exceed the higher rate;
+            # the slots in use are kept as they are.
+            if key not in self._mixed_rates:
+                self._mixed_rates.add(key)
+                log.warning(
+                    "processes on this outbox use different rate_limit values for one Engage "
+                    "key; together they keep to the highest. Set one value everywhere."
+                )
+            doubles[0] = max(doubles[0], slots)
+            doubles[5] = max(doubles[5], shape.window)
         record = views.get(slots)
         if record is None:
             record = views[slots] = _FileRecord(doubles, slots)
@@ -458,7 +494,7 @@ class Budget:
         def change(record: Slots) -> tuple[int | None, float]:
             return take(record, now, priority)
 
-        index, wait = self._store.change(self._key, self.shape.slots, change)
+        index, wait = self._store.change(self._key, self.shape, change)
         return (None if index is None else Permit(index, now)), wait
 
     def try_acquire(self, priority: Priority) -> Permit | None:
@@ -501,7 +537,7 @@ class Budget:
             record.rate_warned = record.rate_warned or cut
             return warn
 
-        if self._store.change(self._key, self.shape.slots, change):
+        if self._store.change(self._key, self.shape, change):
             log.warning(
                 "Engage answered 429 at rate_limit=%g: it is higher than this tenant allows; "
                 "slowing down for every process on the outbox",

@@ -8,11 +8,16 @@ ref. A contact Engage never shows after many lookups is created again (looked up
 
 from __future__ import annotations
 
-from ._background import BackgroundCalls, Outage, multiple_matches
+import asyncio
+import contextlib
+
+from ._background import BackgroundCalls, multiple_matches
+from ._changes import Change
 from ._config import EngageConfig
-from ._errors import MultipleMatches
+from ._errors import MultipleMatches, OutboxError
 from ._flush_run import FlushRun
 from ._retry import background_delay
+from ._store import OutboxStore
 
 __all__ = ["Reconciler"]
 
@@ -32,26 +37,39 @@ class Reconciler:
         waiting = await store.claim_waiting(
             run.owner, limit=_LOOKUPS_PER_STEP, lease_seconds=self.config.lease_seconds
         )
-        for index, change in enumerate(waiting):
-            try:
-                found = await self._calls.lookup(change, run)
-            except Outage:
-                for later in waiting[index:]:
-                    await store.not_found_yet(later.seq, delay=0.0, count=False)
-                raise
-            except MultipleMatches as exc:
-                await run.bury({change.seq: multiple_matches(exc)})
-                continue
-            if found is not None:
-                await store.record_guid(change.seq, found)
-                run.count("reconciled")
-                continue
-            allowed = self.config.reconcile_max_lookups * (4 if change.exported_to else 1)
-            if change.lookups + 1 >= allowed:
-                await store.create_again(
-                    change.seq, f"not on Engage after {change.lookups + 1} lookups"
-                )
-            else:
-                delay = background_delay(self.config.background_delays, change.lookups)
-                await store.not_found_yet(change.seq, delay=delay)
+        looked_up = 0
+        try:
+            for change in waiting:
+                await self._look_up(change, run)
+                looked_up += 1
+        finally:
+            if looked_up < len(waiting):
+                # An outage or a stop: the rest is due again at once, uncounted and unleased,
+                # so the next flusher need not wait for this one's lease to run out.
+                await asyncio.shield(_give_back(store, waiting[looked_up:]))
         return bool(waiting)
+
+    async def _look_up(self, change: Change, run: FlushRun) -> None:
+        store = run.store
+        try:
+            found = await self._calls.lookup(change, run)
+        except MultipleMatches as exc:
+            await run.bury({change.seq: multiple_matches(exc)})
+            return
+        if found is not None:
+            await store.record_guid(change.seq, found)
+            run.count("reconciled")
+            return
+        allowed = self.config.reconcile_max_lookups * (4 if change.exported_to else 1)
+        if change.lookups + 1 >= allowed:
+            reason = f"not on Engage after {change.lookups + 1} lookups"
+            await store.create_again(change.seq, reason)
+        else:
+            delay = background_delay(self.config.background_delays, change.lookups)
+            await store.not_found_yet(change.seq, delay=delay)
+
+
+async def _give_back(store: OutboxStore, changes: list[Change]) -> None:
+    with contextlib.suppress(OutboxError):  # the error that stopped the step matters more
+        for change in changes:
+            await store.not_found_yet(change.seq, delay=0.0, count=False)

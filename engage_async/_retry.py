@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 
 import backoff
 
-__all__ = ["background_delay", "jittered_delays"]
+__all__ = ["background_delay", "half_jittered_delays", "jittered_delays"]
 
 # Jitter added on top of a background interval, as a fraction of it: a floor is never
 # undercut (Engage asks for "as late as possible"), only spread out.
@@ -27,6 +27,16 @@ def jittered_delays(initial: float, maximum: float) -> Iterator[float]:
     next(growth)  # backoff's generators yield None first, to be primed
     for ceiling in growth:
         yield backoff.full_jitter(ceiling)
+
+
+def half_jittered_delays(initial: float, maximum: float) -> Iterator[float]:
+    """Delays ``U(d / 2, d)`` for ``d = min(initial * 2**n, maximum)``: spread out, but never
+    much shorter than `d` (after a 429 the wait must outlast the tenant's window).
+    """
+    growth = backoff.expo(base=2, factor=initial, max_value=maximum)
+    next(growth)
+    for ceiling in growth:
+        yield ceiling / 2 + backoff.full_jitter(ceiling / 2)
 
 
 def background_delay(

@@ -259,6 +259,12 @@ def _tail(conn: sqlite3.Connection, contact_key: str) -> sqlite3.Row | None:
 
 def enqueue(conn: sqlite3.Connection, change: NewChange, now: float) -> Queued:
     """Insert `change`, or merge it into what waits for the same contact."""
+    if change.operation is not Operation.CREATE and change.contact_id is None:
+        guid = identity(conn, change.contact_key, None)
+        if guid is not None:
+            # The ref's create was delivered (by another process, say) after the session saw
+            # it waiting: the change follows the GUID, as the rows already re-keyed did.
+            change = attrs.evolve(change, contact_key=contact_key(contact_id=guid), contact_id=guid)
     if change.operation is Operation.CREATE and change.key_name and change.key_value:
         twin = _queued_create_row(conn, change.key_name, change.key_value, change.contact_type)
         if twin is not None:

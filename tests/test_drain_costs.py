@@ -8,6 +8,8 @@ verdict. Creates that provably never left are sent without a lookup.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +172,58 @@ async def test_a_create_abandoned_on_shutdown_is_looked_up_one_never_sent_is_not
     assert [("pending", 1), ("pending", 0), ("pending", 0)] == [
         (row["state"], row["lookup_first"]) for row in rows
     ]
+
+
+async def _stop_once_held(flusher: ea.OutboxFlusher, fault: Any) -> None:
+    """Run flush_once until `fault` holds one of its requests, then stop the flusher."""
+    flushing = asyncio.create_task(flusher.flush_once())
+    for _ in range(500):
+        if fault.hits or flushing.done():
+            break
+        await asyncio.sleep(0.01)
+    assert fault.hits, "the flusher never reached the held request"
+    flusher.stop()
+    await asyncio.wait_for(flushing, 5)
+
+
+async def test_a_flusher_stopped_mid_reconciliation_leaves_no_create_leased(
+    fake: FakeEngage, tmp_path: Path
+) -> None:
+    """Stopped while a GUID lookup hangs, a flusher gives back every create it claimed for
+    lookups: the next `flush_once` (another process's, say) reconciles them at once instead
+    of waiting for the stopped flusher's lease to be judged gone.
+    """
+    config = config_for(fake, tmp_path, shutdown_timeout=0.2)
+    await queue_creates(config, fake, 4)
+    hang = fake.inject("hang", method="GET", path=LOOKUP, times=1)
+    async with ea.OutboxFlusher(config) as flusher:
+        await _stop_once_held(flusher, hang)
+    fake.remove(hang)
+
+    rows = outbox_rows(config.outbox_path)
+    assert ["waiting_guid"] * 4 == [row["state"] for row in rows]
+    assert [None] * 4 == [row["lease_owner"] for row in rows]
+    async with ea.OutboxFlusher(config) as other:
+        report = await other.flush_once()
+    assert (4, 0) == (report.reconciled, report.pending)
+
+
+async def test_a_flusher_stopped_mid_poll_leaves_no_batch_leased(
+    fake: FakeEngage, tmp_path: Path
+) -> None:
+    """Stopped while a batch status poll hangs, a flusher gives the batch back: the next
+    `flush_once` polls and settles it at once.
+    """
+    config = config_for(fake, tmp_path, shutdown_timeout=0.2)
+    await queue_creates(config, fake, 4)
+    hang = fake.inject("hang", method="GET", path=f"{BULK}/status", times=1)
+    async with ea.OutboxFlusher(config) as flusher:
+        await _stop_once_held(flusher, hang)
+    fake.remove(hang)
+
+    with contextlib.closing(sqlite3.connect(config.outbox_path)) as conn:
+        batches = conn.execute("SELECT state, lease_owner FROM batches").fetchall()
+    assert [("submitted", None)] == batches
+    async with ea.OutboxFlusher(config) as other:
+        report = await other.flush_once()
+    assert (4, 0) == (report.created, report.pending)

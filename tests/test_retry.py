@@ -8,7 +8,12 @@ import random
 import pytest
 
 from engage_async import _retry
-from engage_async._retry import BACKGROUND_JITTER, background_delay, jittered_delays
+from engage_async._retry import (
+    BACKGROUND_JITTER,
+    background_delay,
+    half_jittered_delays,
+    jittered_delays,
+)
 
 SCHEDULE = (10.0, 30.0, 60.0, 300.0)
 
@@ -130,3 +135,14 @@ def test_background_single_step_schedule() -> None:
     assert [5.0, 5.0, 5.0] == [
         background_delay((5.0,), attempt, rng=FixedRandom(0.0)) for attempt in range(3)
     ]
+
+
+def test_half_jittered_delays_stay_within_the_upper_half_of_each_step() -> None:
+    """After a 429 the waits double from 0.5 s and are never below half their step, so three
+    of them outlast Engage's one-second window whatever the jitter drew.
+    """
+    for _ in range(200):
+        delays = list(itertools.islice(half_jittered_delays(0.5, 4.0), 5))
+        steps = [0.5, 1.0, 2.0, 4.0, 4.0]
+        assert all(step / 2 <= delay <= step for delay, step in zip(delays, steps, strict=True))
+        assert sum(delays[:3]) >= 1.75
