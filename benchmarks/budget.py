@@ -19,12 +19,17 @@ what an app writes in an outage), then drained by a started `OutboxFlusher`:
 3. updates of existing contacts: bulk PATCHes;
 4. a mix of the three with Engage down for `--outage` seconds in the middle.
 
-The best time counts the requests that cannot be avoided (every bulk request and one status
-poll per batch, one POST per create with an option, one lookup per create whose GUID the
-status does not tell) at `rate_limit` a second, plus `batch_poll_initial` once when there are
-bulk batches (Engage processes them out of band, and a client learns the outcome only by
-polling), plus the outage. Checked after each drain: every change applied, no contact created
-twice, and the most requests Engage saw in any one-second window.
+The best time is the longer of two bounds. The budget's: the requests that cannot be avoided
+(every bulk request and one status poll per batch, one POST per create with an option, one
+lookup per create whose GUID the status does not tell) at `rate_limit` a second, plus
+`batch_poll_initial` once when there are bulk batches (Engage processes them out of band, and
+a client learns the outcome only by polling), plus the outage. And, for the workloads whose
+bulk requests carry thousands of changes each (where the budget is not what limits them), a
+bare aiohttp client's: the same bulk bodies posted, `batch_poll_initial` waited, each batch's
+status read once. The ratio printed is best / drain.
+
+Checked after each drain: every change applied, no contact created twice, and the most
+requests Engage saw in any one-second window.
 
     python benchmarks/budget.py [--scale 1.0] [--outage 10]
 """
@@ -35,6 +40,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import json
 import math
 import multiprocessing
 import sqlite3
@@ -45,6 +51,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import attrs
 from _common import UPDATE_BODY, USER_AGENT, machine, print_table, verdict
 
@@ -190,7 +197,12 @@ class Result:
     requests: int
     kinds: dict[str, int]
     peak: int
-    best: float
+    budget_bound: float
+    bare: float
+
+    @property
+    def best(self) -> float:
+        return max(self.budget_bound, self.bare)
 
 
 def bench_config(fake: RemoteFake, directory: Path, **overrides: Any) -> ea.EngageConfig:
@@ -256,6 +268,9 @@ async def drain(fake: RemoteFake, config: ea.EngageConfig, work: Workload) -> fl
     """
     await fake.ask("clear")
     await fake.ask("up")
+    # The sessions that queued the changes used the budget's slots (their lookups failed at
+    # connect); those come free one window after: the drain starts with a fresh budget.
+    await asyncio.sleep(1.1)
     async with ea.OutboxFlusher(config) as flusher:
         started = time.perf_counter()
         task = flusher.start()
@@ -307,7 +322,47 @@ async def measure(fake: RemoteFake, directory: Path, work: Workload, run: str) -
     seconds = await drain(fake, config, work)
     requests, kinds, peak = await fake.ask("traffic")
     await check(fake, config, work, run, ids)
-    return Result(work, seconds, requests, kinds, peak, work.best_seconds(config))
+    bare = await bare_bulk(fake, config, work, run, ids) if not work.outage else 0.0
+    return Result(work, seconds, requests, kinds, peak, work.best_seconds(config), bare)
+
+
+async def bare_bulk(
+    fake: RemoteFake, config: ea.EngageConfig, work: Workload, run: str, ids: list[str]
+) -> float:
+    """Seconds a bare aiohttp client takes to send the workload's bulk requests (the same
+    bodies, new emails for the creates), wait `batch_poll_initial` and read each batch's
+    status once: the best a client can do where the budget is not what limits the drain.
+    """
+    if not (work.plain_creates or work.updates):
+        return 0.0
+    headers = {
+        "apikey": fake.api_key,
+        "User-Agent": USER_AGENT,
+        "Content-Type": "application/json",
+        "Accept": "application/json",
+    }
+    creates = [{"email": f"{run}-bare-{i}@example.com"} for i in range(work.plain_creates)]
+    updates = [{**UPDATE_BODY, "city": f"{run}-bare", "contactId": guid} for guid in ids]
+    async with aiohttp.ClientSession(fake.url, headers=headers) as http:
+        started = time.perf_counter()
+        batches = []
+        for method, items in (("POST", creates), ("PATCH", updates)):
+            for first in range(0, len(items), BULK_MAX):
+                body = json.dumps(items[first : first + BULK_MAX], separators=(",", ":"))
+                async with http.request(
+                    method,
+                    "/api/v3/contacts/bulk",
+                    params={"contactType": config.default_contact_type},
+                    data=body.encode(),
+                ) as answer:
+                    batches.append(await answer.json())
+        await asyncio.sleep(config.batch_poll_initial)
+        for batch_id in batches:
+            async with http.get(
+                "/api/v3/contacts/bulk/status", params={"batchId": batch_id}
+            ) as answer:
+                await answer.read()
+        return time.perf_counter() - started
 
 
 def workloads(scale: float, outage: float) -> list[Workload]:
@@ -346,6 +401,8 @@ async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="engage-budget-", dir=args.dir) as tmp:
         async with running_fake() as fake:
             for index, work in enumerate(workloads(args.scale, args.outage)):
+                if args.only and index + 1 not in args.only:
+                    continue
                 result = await measure(fake, Path(tmp), work, f"w{index}")
                 results.append(result)
                 print(f"  {work.name}: {result.seconds:.1f} s", flush=True)
@@ -358,7 +415,8 @@ async def main(args: argparse.Namespace) -> None:
             [
                 work.name,
                 f"{result.seconds:.1f}",
-                f"{result.best:.1f}",
+                f"{result.budget_bound:.1f}",
+                f"{result.bare:.1f}" if result.bare else "-",
                 f"{result.requests / work.changes:.3f}",
                 f"{result.peak}",
                 f"{ratio:.2f}",
@@ -370,7 +428,8 @@ async def main(args: argparse.Namespace) -> None:
         [
             "workload",
             "drain s",
-            "best s",
+            "budget s",
+            "bare s",
             "requests/change",
             "peak/s",
             "best/drain",
@@ -396,6 +455,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--outage", type=float, default=10.0, help="seconds Engage is down in the mix (10)"
+    )
+    parser.add_argument(
+        "--only",
+        type=lambda text: {int(part) for part in text.split(",")},
+        default=set(),
+        help="run only these workloads, by number (e.g. 3 or 1,4)",
     )
     parser.add_argument(
         "--dir", type=Path, default=None, help="where the temporary outboxes go (default /tmp)"

@@ -236,6 +236,10 @@ class OutboxFlusher:
                 try:
                     await self.flush_once(wait_for_batches=False, upload=False)
                     await self._prune_now_and_then()
+                    # A batch due for its poll sooner is polled on time, not a poll later.
+                    batch_due = await self._ready().next_batch_poll()
+                    if batch_due is not None:
+                        wait = min(wait, batch_due)
                 except OutboxError as exc:
                     log.error("outbox unavailable, retrying: %s", exc)  # noqa: TRY400
                     wait = max(wait, self.config.background_delays[0])
