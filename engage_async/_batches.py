@@ -124,7 +124,7 @@ class BatchFollower:
             batch.batch_id, data, failed=failed, resend=resend
         )
         run.count("created" if batch.kind is Operation.CREATE else "updated", applied)
-        run.count("dead", dead)
+        run.count("dead", dead, operation=batch.kind)
         log.info(
             "batch %s finished: %d applied, %d dead, %d to send again",
             batch.batch_id,
