@@ -1,5 +1,6 @@
 """Tests of the metrics: the OpenTelemetry instruments read through an `InMemoryMetricReader`
-on a private `MeterProvider`, and the package without OpenTelemetry.
+on a private `MeterProvider`, the package without OpenTelemetry, and ``engage-async flush
+--metrics-port`` scraped over HTTP.
 
 Sessions and flushers run on a `FakeClock`, so the snapshot the outbox gauges read is
 refreshed exactly when a test moves time past `REFRESH_EVERY`, and waits cost nothing.
@@ -15,14 +16,16 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from helpers import FakeClock
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, Metric
 from test_flusher import flusher_config, one_id
+from test_sidecar import PROCESS_TIMEOUT, sidecar_env, start
 
 import engage_async as ea
-from engage_async import _http, _metrics
+from engage_async import _http, _metrics, cli
 from engage_async._metrics import DURATION_BUCKETS, REFRESH_EVERY, Metrics, pause_reason, route
 from engage_async.testing import FakeEngage
 
@@ -494,3 +497,89 @@ async def test_closed_sessions_and_flushers_are_no_longer_reported(
     assert "engage_async.outbox.change.count" not in metrics
     assert "engage_async.outbox.oldest_pending.age" not in metrics
     assert "engage_async.circuit_breaker.count" not in metrics
+
+
+# --- the sidecar's scrape port -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_flush_serves_its_metrics_for_prometheus(fake: FakeEngage, tmp_path: Path) -> None:
+    """``engage-async flush --metrics-port 0`` prints the port it bound; scraping it over HTTP
+    finds the outbox's changes by state, the requests and the flusher's counts in
+    Prometheus' names.
+    """
+    config = flusher_config(fake, tmp_path)
+    async with ea.EngageSession(config) as engage:
+        await fake.go_down()
+        await engage.create_contact({"email": "scraped@example.com"})
+        await fake.come_up()
+    log = tmp_path / "sidecar.log"
+    process = await start(
+        sidecar_env(fake, config), log, "--metrics-port", "0", "--metrics-host", "127.0.0.1"
+    )
+    try:
+        url = await _printed_url(log, process)
+        assert url.startswith("http://127.0.0.1:")
+        text = await _scrape_until(url, "engage_async_flusher_changes_total{")
+    finally:
+        process.terminate()
+        status = await asyncio.wait_for(process.wait(), PROCESS_TIMEOUT)
+    assert 0 == status, log.read_text()
+    assert re.search(
+        r'^engage_async_outbox_change_count\{.*state="pending".*\} ', text, re.MULTILINE
+    )
+    assert re.search(
+        r'^engage_async_flusher_changes_total\{.*engage_async_operation="create".*'
+        r'engage_async_outcome="delivered".*\} 1\.0$',
+        text,
+        re.MULTILINE,
+    )
+    assert re.search(r"^engage_async_client_request_duration_seconds_bucket\{", text, re.MULTILINE)
+    assert "# TYPE engage_async_outbox_oldest_pending_age_seconds gauge" in text
+
+
+async def _printed_url(log: Path, process: asyncio.subprocess.Process) -> str:
+    """The metrics URL the sidecar printed on start."""
+    async with asyncio.timeout(PROCESS_TIMEOUT):
+        while True:
+            found = re.search(r"metrics on (http://\S+/metrics)", log.read_text())
+            if found:
+                return found.group(1)
+            assert process.returncode is None, log.read_text()
+            await asyncio.sleep(0.05)
+
+
+async def _scrape_until(url: str, needle: str) -> str:
+    """Scrape `url` until the text holds `needle` (the flusher drains meanwhile)."""
+    async with aiohttp.ClientSession() as http, asyncio.timeout(PROCESS_TIMEOUT):
+        while True:
+            async with http.get(url) as response:
+                assert 200 == response.status
+                assert response.content_type == "text/plain"
+                text = await response.text()
+            if needle in text:
+                return text
+            await asyncio.sleep(0.1)
+
+
+def test_metrics_port_without_the_prometheus_extra_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Without the ``prometheus`` extra, ``--metrics-port`` exits 2 naming the extra."""
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.prometheus", None)
+    monkeypatch.setenv("ENGAGE_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("ENGAGE_API_KEY", "key")
+    monkeypatch.setenv("ENGAGE_USER_AGENT", "Tests/1.0")
+    monkeypatch.setenv("ENGAGE_OUTBOX", str(tmp_path / "outbox.sqlite3"))
+
+    assert 2 == cli.main(["flush", "--once", "--metrics-port", "0"])
+    assert "pip install 'engage-async[prometheus]'" in capsys.readouterr().err
+    assert not (tmp_path / "outbox.sqlite3").exists()
+
+
+def test_metrics_port_must_be_a_port_number(capsys: pytest.CaptureFixture[str]) -> None:
+    """A ``--metrics-port`` outside 0-65535 is a usage error naming the value."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["flush", "--metrics-port", "70000"])
+    assert 2 == exited.value.code
+    assert "'70000' is not a port number" in capsys.readouterr().err
