@@ -131,7 +131,8 @@ class BatchFollower:
         else:
             wait = min(
                 self.config.batch_poll_max,
-                self.config.batch_poll_initial * 2 ** (batch.polls + 1),
+                # The exponent is capped: a batch polled a thousand times would overflow.
+                self.config.batch_poll_initial * 2 ** min(batch.polls + 1, 32),
             )
             await run.store.poll_batch_later(batch.batch_id, delay=wait, status=data)
 
@@ -152,7 +153,7 @@ class BatchFollower:
             batch.batch_id, data, failed=failed, resend=resend, created=created
         )
         run.count("created" if batch.kind is Operation.CREATE else "updated", applied)
-        run.count("dead", dead)
+        run.count("dead", dead, operation=batch.kind)
         log.info(
             "batch %s finished: %d applied, %d dead, %d to send again",
             batch.batch_id,

@@ -46,6 +46,7 @@ from typing import Any, Final, Protocol, TypeVar
 import attrs
 
 from ._clock import Clock, wait_for_event
+from ._metrics import NO_METRICS, Metrics
 
 __all__ = ["Budget", "BudgetFile", "Permit", "Priority", "Record", "Shape", "Slots", "shape"]
 
@@ -503,15 +504,23 @@ class Budget:
             return None
         return self._take(priority)[0]
 
-    async def acquire(self, priority: Priority, *, within: float | None = None) -> Permit | None:
-        """Wait for a slot; None (and no slot) when none can be had within `within` seconds."""
-        deadline = None if within is None else self._clock.monotonic() + within
+    async def acquire(
+        self, priority: Priority, *, within: float | None = None, metrics: Metrics = NO_METRICS
+    ) -> Permit | None:
+        """Wait for a slot; None (and no slot) when none can be had within `within` seconds.
+        The wait is reported to `metrics`.
+        """
+        started = self._clock.monotonic()
+        deadline = None if within is None else started + within
         async with self._turns[priority]:
             while True:
                 permit, wait = self._take(priority)
+                now = self._clock.monotonic()
                 if permit is not None:
+                    metrics.rate_limit_wait(priority, now - started, admitted=True)
                     return permit
-                if deadline is not None and self._clock.monotonic() + wait > deadline:
+                if deadline is not None and now + wait > deadline:
+                    metrics.rate_limit_wait(priority, now - started, admitted=False)
                     return None
                 # A slot given back in this process wakes the waiter at once; one given back
                 # elsewhere is found when the wait is over.

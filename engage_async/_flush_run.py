@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
 
 from ._changes import Change, Operation
+from ._metrics import NO_METRICS, OTHER, Metrics
 from ._models import FlushReport
 from ._store import Failures, OutboxStore
 
@@ -40,10 +42,13 @@ class Stopped(Exception):
 class FlushRun:
     """The state of one `flush_once`, shared by the parts that do its steps."""
 
-    def __init__(self, store: OutboxStore, owner: str) -> None:
+    def __init__(self, store: OutboxStore, owner: str, *, metrics: Metrics = NO_METRICS) -> None:
         self.store = store
         self.owner = owner
         self.counts = dict.fromkeys(_COUNTED, 0)
+        self._metrics = metrics
+        # What each row claimed in this flush does, for the metrics' operation attribute.
+        self._operations: dict[int, str] = {}
         # Claimed and not yet settled: given back as pending if the flush stops early...
         self.held: set[int] = set()
         # ... and of those, the ones whose request may have reached Engage (looked up first).
@@ -86,9 +91,14 @@ class FlushRun:
         """A step begins: nothing is known yet about Engage in it."""
         self.served = self.answered = False
 
-    def count(self, name: str, number: int = 1) -> None:
-        """Add to one of the report's counts."""
+    def count(self, name: str, number: int = 1, *, operation: str | None = None) -> None:
+        """Add to one of the report's counts (and the metrics', by `operation` when known)."""
         self.counts[name] += number
+        self._metrics.flushed(name, number, operation)
+
+    def operation_of(self, seqs: Iterable[int]) -> str | None:
+        """What the first of these rows does, if this flush claimed it."""
+        return next((self._operations.get(seq) for seq in seqs), None)
 
     def report(self, pending: int) -> FlushReport:
         """The counts so far, with `pending` changes left."""
@@ -108,7 +118,9 @@ class FlushRun:
 
     def hold(self, changes: Iterable[Change]) -> None:
         """Rows this flush claimed."""
+        changes = list(changes)
         self.held.update(change.seq for change in changes)
+        self._operations.update((change.seq, str(change.operation)) for change in changes)
 
     def let_go(self, seqs: Iterable[int]) -> None:
         """Rows that are no longer this flush's to give back (settled, or in a batch)."""
@@ -139,7 +151,9 @@ class FlushRun:
         """Engage rejected these for good (their dependents die with a create)."""
         if not failures:
             return
-        self.count("dead", await self.store.bury(failures))
+        buried = await self.store.bury(failures)
+        for operation, number in self._dead_by_operation(failures, buried).items():
+            self.count("dead", number, operation=operation)
         self.let_go(failures)
         log.warning("dead-lettered %d change(s): %s", len(failures), _codes(failures))
 
@@ -190,6 +204,21 @@ class FlushRun:
     async def became_update(self, change: Change, contact_id: str, body: Mapping[str, Any]) -> None:
         """The create's contact exists and must still get `body`: the row is an update now."""
         await self.store.create_became_update(change, contact_id, body)
+        self._operations[change.seq] = str(Operation.UPDATE)
+
+    def _dead_by_operation(self, seqs: Iterable[int], buried: int) -> Counter[str]:
+        """`buried` rows by operation: `seqs` first, then the changes that waited on a dead
+        create, which are counted with it (only a dead create takes others along).
+        """
+        found: Counter[str] = Counter()
+        for seq in seqs:
+            if buried <= 0:
+                break
+            found[self._operations.get(seq, OTHER)] += 1
+            buried -= 1
+        if buried > 0:
+            found[str(Operation.CREATE)] += buried
+        return found
 
 
 def _codes(failures: Failures) -> str:

@@ -27,7 +27,7 @@ import uuid
 import warnings
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from ._background import BackgroundCalls, Outage
 from ._batches import BatchFollower
@@ -45,6 +45,7 @@ from ._errors import (
 )
 from ._flush_run import FlushRun, Stopped
 from ._lifecycle import Lifecycle
+from ._metrics import Metrics
 from ._models import FlushReport
 from ._outbox import SqliteOutbox
 from ._reconciler import Reconciler
@@ -54,6 +55,9 @@ from ._sftp import XmlUploader
 from ._store import OutboxStore
 from ._transport import Transport
 from ._xml_export import XmlExport
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
 
 __all__ = ["OutboxFlusher"]
 
@@ -75,18 +79,28 @@ class OutboxFlusher:
 
     or ``await flusher.run()`` as a task, or ``await flusher.flush_once()`` to drain what is due
     and get a `FlushReport`. As a sidecar process: ``engage-async flush``. `clock` replaces the
-    real clocks and sleeping (tests move time with it).
+    real clocks and sleeping (tests move time with it). Metrics go to `meter_provider` (an
+    OpenTelemetry `MeterProvider`; default: the global one) when the ``otel`` extra is
+    installed.
     """
 
     def __init__(
-        self, config: EngageConfig, *, http: Any = None, clock: Clock = SYSTEM_CLOCK
+        self,
+        config: EngageConfig,
+        *,
+        http: Any = None,
+        clock: Clock = SYSTEM_CLOCK,
+        meter_provider: MeterProvider | None = None,
     ) -> None:
         if not isinstance(config, EngageConfig):
             raise TypeError("config: must be an EngageConfig")
         self.config = config
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._clock = clock
-        self._transport = Transport(config, http, priority=Priority.BACKGROUND, clock=clock)
+        self._metrics = Metrics.for_provider(meter_provider, clock=clock)
+        self._transport = Transport(
+            config, http, priority=Priority.BACKGROUND, clock=clock, metrics=self._metrics
+        )
         calls = BackgroundCalls(config, self._transport, clock)
         self._batches = BatchFollower(config, calls)
         self._reconciler = Reconciler(config, calls)
@@ -174,6 +188,7 @@ class OutboxFlusher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._lifecycle.closing()
+        self._metrics.close()
         try:
             if self._unsubscribe is not None:
                 self._unsubscribe()
@@ -348,7 +363,7 @@ class OutboxFlusher:
             SftpRefused: the SFTP server refused the host key, the login or the rights.
         """
         store = self._ready()
-        run = FlushRun(store, self.owner)
+        run = FlushRun(store, self.owner, metrics=self._metrics)
         async with self._flushing:
             self._run = run
             if self._stopping:
@@ -357,6 +372,7 @@ class OutboxFlusher:
             try:
                 while not self._stopping:
                     await store.recover_expired(self.owner, lease_seconds=self.config.lease_seconds)
+                    await self._metrics.refresh_outbox(store)
                     pause = await store.pause()
                     if pause is not None and pause.remaining > 0:
                         break
@@ -365,7 +381,7 @@ class OutboxFlusher:
                     seen = pause.outages if pause is not None else 0
                     run.new_step()
                     try:
-                        worked = await self._step(run)
+                        worked = await self._metrics.step(self._step(run))
                     except Outage as outage:
                         await self._pause_all(outage, run, seen)
                         if outage.config_problem is not None:

@@ -358,7 +358,7 @@ class Sender:
     async def _applied(self, change: Change, data: Any, run: FlushRun) -> None:
         if change.operation is not Operation.CREATE:
             await run.finish([change])
-            run.count("updated")
+            run.count("updated", operation=change.operation)
             return
         guid = contact_id_in(data)
         if guid is None:

@@ -26,7 +26,7 @@ import logging
 import warnings
 from collections.abc import AsyncIterator, Callable, Mapping
 from types import TracebackType
-from typing import Any, Final, Literal, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, Self, TypeVar
 
 import aiohttp
 import attrs
@@ -65,6 +65,7 @@ from ._keys import (
     new_ref,
 )
 from ._lifecycle import Lifecycle
+from ._metrics import Metrics
 from ._models import Contact, ContactOverview, Delivery, PointAccount, Promotion, Transaction
 from ._outbox import SqliteOutbox
 from ._overview import read_overview
@@ -79,6 +80,9 @@ from ._wire import (
     prepare_payload,
     structure,
 )
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
 
 __all__ = ["EngageSession"]
 
@@ -111,7 +115,9 @@ class EngageSession:
 
     Use as ``async with EngageSession(config) as engage: ...`` (or `open` and `close`). It
     creates its own `aiohttp.ClientSession`, or uses the one passed as `http` (which it then
-    never closes). A closed session cannot be opened again.
+    never closes). A closed session cannot be opened again. Metrics go to `meter_provider`
+    (an OpenTelemetry `MeterProvider`; default: the global one) when the ``otel`` extra is
+    installed.
     """
 
     def __init__(
@@ -120,17 +126,20 @@ class EngageSession:
         *,
         http: aiohttp.ClientSession | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        meter_provider: MeterProvider | None = None,
     ) -> None:
         if not isinstance(config, EngageConfig):
             raise TypeError("config: must be an EngageConfig")
         self.config = config
         self._clock = clock
-        self._transport = Transport(config, http, clock=clock)
+        self._metrics = Metrics.for_provider(meter_provider, clock=clock)
+        self._transport = Transport(config, http, clock=clock, metrics=self._metrics)
         self._outbox: OutboxStore | None = None
         self._lifecycle = Lifecycle("EngageSession")
         self._breaker = CircuitBreaker(
             config.breaker_threshold, config.breaker_cooldown, clock=clock.monotonic
         )
+        self._metrics.watch_breaker(self._breaker)
         self._root = config.api_root
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
@@ -181,6 +190,7 @@ class EngageSession:
         """Close the outbox and, if the session made it, the HTTP session. Idempotent."""
         if not self._lifecycle.closing():
             return
+        self._metrics.close()
         try:
             if self._outbox is not None:
                 await self._outbox.close()

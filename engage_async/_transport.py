@@ -33,6 +33,7 @@ from ._errors import (
     UnexpectedResponse,
 )
 from ._http import Call, retry_after
+from ._metrics import NO_METRICS, Metrics
 
 __all__ = ["Transport"]
 
@@ -50,8 +51,10 @@ class Transport:
         priority: Priority = Priority.INTERACTIVE,
         clock: Clock = SYSTEM_CLOCK,
         shared_budget: bool = True,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self._http = http
+        self._metrics = metrics
         self._owns_http = http is None
         self._config = config
         self._base = config.base_url
@@ -120,7 +123,7 @@ class Transport:
         budget = self._budget
         # Waiting for the budget counts against the caller's time too.
         permit = budget.try_acquire(self._priority) or await budget.acquire(
-            self._priority, within=timeout
+            self._priority, within=timeout, metrics=self._metrics
         )
         if permit is None:
             raise EngageTimeout(
@@ -130,7 +133,9 @@ class Transport:
             )
         answer: Answer | None = None
         try:
-            answer = await self._send_admitted(call, started + timeout, timeout)
+            with self._metrics.request(call, self._priority) as sent:
+                answer = await self._send_admitted(call, started + timeout, timeout)
+                sent.status = answer[0]
         finally:
             # The slot is held until the answer (or failure): see _budget. A 429 slows every
             # process on the key down, and holds them all for its Retry-After.

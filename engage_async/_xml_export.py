@@ -245,7 +245,7 @@ class XmlExport:
                     planned = moved
                     break
         count = await run.store.finish_export(str(planned), str(written))
-        run.count("exported", count)
+        run.count("exported", count, operation=run.operation_of(file.seqs))
         log.info("wrote %d change(s) to %s", count, written.name)
 
     async def _resume(self, planned: Path, file_digest: str, run: FlushRun) -> None:

@@ -20,7 +20,7 @@ import signal
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -32,6 +32,7 @@ from ._clock import SYSTEM_CLOCK, Clock
 from ._config import EngageConfig
 from ._errors import ChangeNotFound, EngageAuthError, EngageConfigurationError, EngageError
 from ._flusher import OutboxFlusher
+from ._metrics import prometheus_endpoint
 from ._models import FlushReport
 from ._xmlfiles import validate_file
 from .admin import OutboxAdmin, OutboxEntry
@@ -118,6 +119,19 @@ def _parser() -> argparse.ArgumentParser:
     flush.add_argument("--xml-dir", help="where XML fallback files go (default: $ENGAGE_XML_DIR)")
     flush.add_argument(
         "--no-progress", action="store_true", help="with --once: no progress display"
+    )
+    flush.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="PORT",
+        help="serve metrics for Prometheus at http://HOST:PORT/metrics (0: a free port, "
+        "printed on start; needs the prometheus extra)",
+    )
+    flush.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address the metrics port listens on (default 127.0.0.1)",
     )
 
     outbox_file = _Parser(add_help=False)
@@ -308,7 +322,10 @@ def _flush_config(args: argparse.Namespace) -> EngageConfig:
 
 async def _flush(args: argparse.Namespace) -> int:
     config = _flush_config(args)
-    async with OutboxFlusher(config) as flusher:
+    async with (
+        _metrics_served(args) as meter_provider,
+        OutboxFlusher(config, meter_provider=meter_provider) as flusher,
+    ):
         if not args.once:
             await flusher.run(handle_signals=True)
             return 0
@@ -318,6 +335,35 @@ async def _flush(args: argparse.Namespace) -> int:
         show(None)
     print(_describe_report(report))
     return 0
+
+
+@contextlib.asynccontextmanager
+async def _metrics_served(args: argparse.Namespace) -> AsyncIterator[Any]:
+    """With ``--metrics-port``: a meter provider served for Prometheus (its URL printed to
+    stderr, so a port of 0 can be found); else None, the global provider.
+    """
+    if args.metrics_port is None:
+        yield None
+        return
+    try:
+        endpoint = prometheus_endpoint(args.metrics_host, args.metrics_port)
+    except ImportError as exc:
+        raise ValueError(f"--metrics-port: {exc}") from None
+    async with endpoint as (meter_provider, port):
+        host = f"[{args.metrics_host}]" if ":" in args.metrics_host else args.metrics_host
+        print(f"engage-async: metrics on http://{host}:{port}/metrics", file=sys.stderr)
+        yield meter_provider
+
+
+def _port(text: str) -> int:
+    """A TCP port number from the command line (0: any free port)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0 to 65535)")
+    return port
 
 
 def _progress_printer() -> Callable[[FlushReport | None], None]:
