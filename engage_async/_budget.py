@@ -68,9 +68,10 @@ _CLOCK_DISAGREEMENT: Final = 1.0
 # After a 429: the share of slots in use is cut by this factor, at most once a window...
 _CUT: Final = 0.5
 _LOWEST_SCALE: Final = 0.05
-# ...and grows back by this much of the full rate per good answer, so that a full recovery
-# takes a couple of minutes of traffic.
-_RECOVERY_ANSWERS: Final = 120.0
+# ...and grows back by this share of the full rate per second while answers are good: a
+# halving is undone in 50 s, the floor in about 95 s. By time, not by answers: at 40 answers
+# a second a per-answer step would undo a cut in seconds and meet the next 429 at once.
+_RECOVERY_PER_SECOND: Final = 0.01
 # When no slot can be known to free (all are held), look again this soon.
 _POLL: Final = 0.01
 
@@ -121,6 +122,8 @@ class Slots(Protocol):
     blocked_until: float
     # The longest window any process on the key frees a slot after (rates may differ).
     window: float
+    # When the share last grew back after a cut.
+    last_grown: float
 
 
 @attrs.define
@@ -133,6 +136,7 @@ class Record:
     rate_warned: bool = False
     blocked_until: float = 0.0
     window: float = 1.0 + _SLACK
+    last_grown: float = -math.inf
 
 
 def usable(record: Slots) -> int:
@@ -212,10 +216,19 @@ def after_rate_limited(
     return True
 
 
-def after_good_answer(record: Slots) -> None:
-    """An answer that was not a 429: grow the share of slots back towards all of them."""
-    if record.scale < 1.0:
-        record.scale = min(1.0, record.scale + 1.0 / _RECOVERY_ANSWERS)
+def after_good_answer(record: Slots, now: float) -> None:
+    """An answer that was not a 429: grow the share of slots back towards all of them, by
+    `_RECOVERY_PER_SECOND` for each second since the cut or the last growth.
+    """
+    if record.scale >= 1.0:
+        return
+    since = max(record.last_cut, record.last_grown)
+    if since > now + _CLOCK_DISAGREEMENT:
+        # Written by another boot: the recovery counts from now.
+        record.last_cut = record.last_grown = since = now
+    if now > since:
+        record.scale = min(1.0, record.scale + (now - since) * _RECOVERY_PER_SECOND)
+        record.last_grown = now
 
 
 # --- the file ------------------------------------------------------------------------------
@@ -224,8 +237,8 @@ _MAGIC: Final = b"EABUDGT2"
 _KEYS: Final = 8
 _KEY_BYTES: Final = 16
 # After the key, eight doubles of pace (slot count, scale, last cut, warned, blocked until,
-# window, 2 spare), then the slot times: all 8-byte aligned, so the file is read in place as
-# doubles.
+# window, last grown, 1 spare), then the slot times: all 8-byte aligned, so the file is read
+# in place as doubles.
 _META: Final = 8
 _RECORD_BYTES: Final = _KEY_BYTES + 8 * (_META + MAX_SLOTS)
 _SIZE: Final = 64 + _KEYS * _RECORD_BYTES
@@ -276,6 +289,14 @@ class _FileRecord:
     @blocked_until.setter
     def blocked_until(self, value: float) -> None:
         self._doubles[4] = value
+
+    @property
+    def last_grown(self) -> float:
+        return float(self._doubles[6])
+
+    @last_grown.setter
+    def last_grown(self, value: float) -> None:
+        self._doubles[6] = value
 
     @property
     def window(self) -> float:
@@ -539,7 +560,7 @@ class Budget:
         def change(record: Slots) -> bool:
             give_back(record, permit.index, permit.taken, now, window)
             if not rate_limited:
-                after_good_answer(record)
+                after_good_answer(record, now)
                 return False
             cut = after_rate_limited(record, now, window, retry_after)
             warn = cut and not record.rate_warned

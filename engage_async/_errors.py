@@ -32,9 +32,10 @@ rejected request from an unreachable server::
     └── ChangeNotFound               no such outbox change (a LookupError)
 
 Only Engage's documented verdicts are about the request itself (400, 404, 409, 422 with
-Engage's JSON body; 401 and 403; 429); anything else on a write leaves its outcome unknown, so
-it is an `EngageUnavailable`: the session queues the write (a create to be looked up first)
-and the flusher pauses and sends it again. Redirects are never followed.
+Engage's JSON or plain-text body, not an HTML or XML page; 401 and 403; 429); anything else
+on a write leaves its outcome unknown, so it is an `EngageUnavailable`: the session queues
+the write (a create to be looked up first) and the flusher pauses and sends it again.
+Redirects are never followed.
 
 Messages name the call and the error code (``POST /api/v3/contacts -> 422 ValidationError``),
 never the API key or personal data: query strings are left out, and text taken from Engage is

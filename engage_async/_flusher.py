@@ -9,8 +9,9 @@ flush; each step's work is done by a part named after it:
    `_xml_export`) as XML files.
 
 They share one `FlushRun` (`_flush_run`): the rows held, the counts, what Engage did in the
-step. No usable answer, a 5xx or a 429 raises `Outage` (`_background`): every flusher on the
-outbox pauses (the pause is stored in the outbox, growing along `background_delays`), and
+step. No usable answer or a 5xx raises `Outage` (`_background`), and so does a 429 still
+answered after a few tries at the lowered pace: every flusher on the outbox pauses (the pause
+is stored in the outbox, growing one step along `background_delays` per failed probe), and
 nothing counts against any change.
 """
 

@@ -24,7 +24,8 @@ rename or remove one nor change its type without raising ``schema``.
 ``outbox list --json`` prints JSON Lines, one object per change, oldest first (nothing for
 no change)::
 
-    {"schema": 1, "change_id": "chg_...", "operation": "create" | "update" | "contact_type",
+    {"schema": 1, "change_id": "chg_...",
+     "operation": "create" | "update" | "contact_type" | "promote",
      "state": "pending" | "inflight" | "waiting_guid" | "done" | "dead",
      "contact_key": "ref:ref_..." | "id:<guid>", "contact_type": "Member" | null,
      "attempts": 0, "last_error": str | null, "created_at": RFC 3339,

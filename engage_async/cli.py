@@ -61,8 +61,9 @@ EXIT_MEANINGS: Final = {
     "invalid (validate-xml), rows could not be read (salvage), the story went wrong "
     "(demo); or an unexpected error, with a traceback",
     Exit.REFUSED: "not done: a usage error, a bad argument or ENGAGE_* setting, no usable "
-    "outbox, Engage refused the API key or reports its tenant misconfigured, Engage "
-    "cannot be reached (doctor), or the change's state does not allow the action",
+    "outbox, Engage refused the API key or reports its tenant misconfigured, the SFTP "
+    "server refused the host key, login or rights, Engage cannot be reached or a check "
+    "failed (doctor), or the change's state does not allow the action",
     Exit.NOT_FOUND: "no change with that id (outbox show, requeue, discard)",
     Exit.INTERRUPTED: "interrupted by Ctrl-C (flush and simulate stop cleanly and exit 0)",
 }

@@ -139,7 +139,7 @@ def simulate(
             if rng.random() < rate_limited_share:
                 after_rate_limited(record, now, window)
             else:
-                after_good_answer(record)
+                after_good_answer(record, now)
             push(now, worker)
             continue
         if now > NOW + seconds:
@@ -367,21 +367,33 @@ def test_429s_never_cut_below_the_lowest_scale_nor_one_slot() -> None:
     assert (_budget._LOWEST_SCALE, 5, 1) == (many.scale, usable(many), usable(one))
 
 
-def test_good_answers_grow_the_share_back_to_all_slots() -> None:
-    """After a cut, each good answer gives back a little: all of it after
-    ``_RECOVERY_ANSWERS`` times the share lost, and never more than all.
+def test_good_answers_grow_the_share_back_with_time_not_with_their_number() -> None:
+    """After a cut, good answers give the share back at `_RECOVERY_PER_SECOND` of the full
+    rate per second since the cut: a thousand answers within the same second give back almost
+    nothing, and the whole share is back after ``lost / _RECOVERY_PER_SECOND`` seconds.
     """
     record = free_record(40.0)
     after_rate_limited(record, NOW, 1.005)
     lost = 1.0 - record.scale
-    answers = math.ceil(lost * _budget._RECOVERY_ANSWERS)
-    for _ in range(answers - 1):
-        after_good_answer(record)
+    for _ in range(1000):
+        after_good_answer(record, NOW + 0.5)
+    at_once = usable(record)
+    back = lost / _budget._RECOVERY_PER_SECOND
+    after_good_answer(record, NOW + back - 1.0)
     almost = usable(record)
-    for _ in range(5):
-        after_good_answer(record)
+    after_good_answer(record, NOW + back + 1.0)
 
-    assert (39, 1.0, 40) == (almost, record.scale, usable(record))
+    assert (20, 39, 1.0, 40) == (at_once, almost, record.scale, usable(record))
+
+
+def test_a_cut_from_another_boot_does_not_stop_the_recovery() -> None:
+    """A cut stored by the previous boot (its clock ran further) is treated as past."""
+    record = free_record(40.0)
+    after_rate_limited(record, NOW + 5000.0, 1.005)
+    after_good_answer(record, NOW)
+    after_good_answer(record, NOW + 60.0)
+
+    assert 1.0 == record.scale
 
 
 def test_after_a_cut_only_the_slots_in_use_are_taken() -> None:
@@ -489,8 +501,9 @@ async def test_a_429_in_one_process_slows_the_other(
     clock.advance(5.0)
 
     after_cut = use_all(two)
-    clock.advance(5.0)
-    for _ in range(120):
+    # Good answers over the time the recovery takes.
+    for _ in range(4):
+        clock.advance(30.0)
         permit = await two.acquire(IN)
         assert permit is not None
         two.release(permit)

@@ -139,7 +139,7 @@ class FakeEngage:
     shapes: dict[str, str] = attrs.field(factory=dict, converter=checked_shapes)
     """The chosen answer shapes, by name: ``error_body`` (``error_code``, ``code_detail``,
     ``error``, ``string``), ``contact_id`` (``string``, ``contactId``, ``id``), ``batch_id``
-    (``string``, ``batchId``), ``batch_status`` (``status``, ``state``),
+    (``string``, ``batchId``), ``batch_status`` (``status``, ``state``, ``items``),
     ``transactions_path`` (``query``, ``path``) and ``rate_limit_headers`` (``absent``,
     ``present``); the first of each is the default. May be changed at any time. The
     `engage_async.testing._fake_shapes` docstring shows each shape."""
