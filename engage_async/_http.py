@@ -539,6 +539,12 @@ def read_contact_type(data: Any) -> str | None:
     """The contact type in a contact's JSON (``meta.contactType``, or top level), if any."""
     if not isinstance(data, Mapping):
         return None
+    # The documented spelling first: lower-casing a whole contact costs more than the read.
+    meta = data.get("meta")
+    if isinstance(meta, Mapping) and isinstance(meta.get("contactType"), str):
+        value: Any = meta["contactType"]
+        if value.strip():
+            return str(value.strip())
     top = _lowered(data)
     meta = top.get("meta")
     for holder in (_lowered(meta) if isinstance(meta, Mapping) else {}, top):

@@ -200,13 +200,21 @@ class Transport:
         length = response.content_length
         if length is not None and length > limit:
             raise self._too_large(call, response, f"{length:,} bytes announced")
-        body = bytearray()
-        async for chunk in response.content.iter_any():
-            body += chunk
-            if len(body) > limit:
-                raise self._too_large(call, response, "more, once decompressed")
+        if length is not None and response.headers.get("Content-Encoding", "identity") in {
+            "identity",
+            "",
+        }:
+            # Not compressed, and its length is known and within the limit: read at once.
+            whole = await response.read()
+        else:
+            body = bytearray()
+            async for chunk in response.content.iter_any():
+                body += chunk
+                if len(body) > limit:
+                    raise self._too_large(call, response, "more, once decompressed")
+            whole = bytes(body)
         # A proxy's debug page may echo the request's headers; nothing keeps the key.
-        return bytes(body).replace(self._key, b"***") if self._key in body else bytes(body)
+        return whole.replace(self._key, b"***") if self._key in whole else whole
 
     def _too_large(
         self, call: Call, response: aiohttp.ClientResponse, found: str
