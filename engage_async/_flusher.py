@@ -51,7 +51,7 @@ from ._models import FlushReport
 from ._outbox import SqliteOutbox
 from ._reconciler import Reconciler
 from ._retry import background_delay
-from ._sender import Sender, affordable, assume_type
+from ._sender import Sender, affordable
 from ._sftp import XmlUploader
 from ._store import OutboxStore
 from ._transport import Transport
@@ -431,8 +431,6 @@ class OutboxFlusher:
             run.bulk_backlog = False
             return worked
         run.hold(claimed)
-        if self.config.assume_default_contact_type:
-            claimed = assume_type(claimed, self.config.default_contact_type)
         threshold = self.config.bulk_threshold
         if not run.bulk_backlog:
             backlog = len(claimed)
@@ -445,6 +443,7 @@ class OutboxFlusher:
             claimed,
             bulk=run.bulk_backlog or self.config.fallback_mode == "xml",
             requests=requests,
+            types_assumed=self.config.assume_default_contact_type,
         )
         await run.release(spare)
         await self._sender.send(claimed, run)

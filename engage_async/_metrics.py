@@ -278,6 +278,7 @@ class _Instruments:
         breakers = [breaker for facade in facades for breaker in facade.breakers]
         newest: dict[str, _Snapshot] = {}
         for facade in facades:
+            facade.read_since_refresh = True
             snapshot = facade.snapshot
             if snapshot is None:
                 continue
@@ -398,6 +399,9 @@ class Metrics:
         self._clock = clock
         self.breakers: list[CircuitBreaker] = []
         self.snapshot: _Snapshot | None = None
+        # Whether a reader collected since the last snapshot: with no reader (the API's no-op
+        # provider, an app that never exports), the outbox is counted once, not every 5 s.
+        self.read_since_refresh = False
         self._next_refresh = 0.0
         if instruments is not None:
             instruments.join(self)
@@ -500,6 +504,8 @@ class Metrics:
         """
         if self._instruments is None:
             return
+        if self.snapshot is not None and not self.read_since_refresh:
+            return
         started = self._clock.monotonic()
         if started < self._next_refresh:
             return
@@ -510,6 +516,7 @@ class Metrics:
             return
         taken = self._clock.monotonic()
         self.snapshot = _Snapshot(store.location, counts, taken, self._clock)
+        self.read_since_refresh = False
         self._next_refresh = taken + max(REFRESH_EVERY, (taken - started) * _QUERY_SHARE)
 
 

@@ -56,7 +56,6 @@ __all__ = [
     "Routes",
     "Sender",
     "affordable",
-    "assume_type",
     "bulk_chunks",
     "route",
 ]
@@ -87,6 +86,7 @@ def route(
     *,
     xml: bool,
     bulk: bool,
+    types_assumed: bool = False,
 ) -> Routes:
     """Which way each change goes.
 
@@ -95,36 +95,44 @@ def route(
     when a bulk request could not settle it before (`send_alone`); a create with options
     (source, store, unapproved) does, since the bulk API cannot carry them; and so does an
     update whose contact's type is unknown, since Engage applies a bulk request under one
-    contact type.
+    contact type, unless `types_assumed` (`assume_default_contact_type`: the tenant has one
+    type, under which it goes).
     """
     if xml:
         return Routes(
             xml_creates=tuple(creates), xml_updates=tuple(updates), not_in_xml=tuple(type_changes)
         )
 
+    def alone(change: Change) -> bool:
+        return _goes_alone(change, bulk=bulk, types_assumed=types_assumed)
+
     return Routes(
-        singles=(*(c for c in (*creates, *updates) if _goes_alone(c, bulk=bulk)), *type_changes),
-        bulk_creates=tuple(c for c in creates if not _goes_alone(c, bulk=bulk)),
-        bulk_updates=tuple(c for c in updates if not _goes_alone(c, bulk=bulk)),
+        singles=(*(c for c in (*creates, *updates) if alone(c)), *type_changes),
+        bulk_creates=tuple(c for c in creates if not alone(c)),
+        bulk_updates=tuple(c for c in updates if not alone(c)),
     )
 
 
-def _goes_alone(change: Change, *, bulk: bool) -> bool:
+def _goes_alone(change: Change, *, bulk: bool, types_assumed: bool) -> bool:
     return (
         not bulk
         or change.send_alone
         or (change.operation is Operation.CREATE and bool(change.query))
-        or (change.operation is Operation.UPDATE and change.contact_type is None)
+        or (
+            change.operation is Operation.UPDATE
+            and change.contact_type is None
+            and not types_assumed
+        )
         or change.operation in {Operation.CONTACT_TYPE, Operation.PROMOTE}
     )
 
 
-def _own_requests(change: Change, *, bulk: bool) -> int:
+def _own_requests(change: Change, *, bulk: bool, types_assumed: bool) -> int:
     """How many requests of its own a claimed change costs in one step (bulk requests are
     shared by thousands of changes, and not counted).
     """
     lookup = int(change.operation is Operation.CREATE and change.lookup_first)
-    return lookup + int(_goes_alone(change, bulk=bulk))
+    return lookup + int(_goes_alone(change, bulk=bulk, types_assumed=types_assumed))
 
 
 # The most a bulk request's body holds. Engage documents no limit besides 4000 items, but
@@ -152,21 +160,8 @@ def bulk_chunks(sizes: Sequence[int], max_items: int, max_bytes: int) -> list[tu
     return ranges
 
 
-def assume_type(claimed: Sequence[Change], contact_type: str) -> list[Change]:
-    """The claimed changes, updates of a contact whose type the outbox never learned taken to
-    be of `contact_type` (`assume_default_contact_type`: the tenant has no other), so they go
-    in bulk under it.
-    """
-    return [
-        attrs.evolve(change, contact_type=contact_type)
-        if change.operation is Operation.UPDATE and change.contact_type is None
-        else change
-        for change in claimed
-    ]
-
-
 def affordable(
-    claimed: Sequence[Change], *, bulk: bool, requests: int
+    claimed: Sequence[Change], *, bulk: bool, requests: int, types_assumed: bool = False
 ) -> tuple[list[Change], list[Change]]:
     """The claimed changes (oldest first) that one step can send with `requests` requests of
     their own, and the rest, to give back at once.
@@ -177,7 +172,7 @@ def affordable(
     keep: list[Change] = []
     spent = 0
     for index, change in enumerate(claimed):
-        cost = _own_requests(change, bulk=bulk)
+        cost = _own_requests(change, bulk=bulk, types_assumed=types_assumed)
         if keep and spent + cost > requests:
             return keep, list(claimed[index:])
         keep.append(change)
@@ -220,6 +215,7 @@ class Sender:
             type_changes,
             xml=self.config.fallback_mode == "xml" or self.bulk_refused,
             bulk=run.bulk_backlog and not self._single_next,
+            types_assumed=self.config.assume_default_contact_type,
         )
         self._single_next = False
         await run.bury(
@@ -465,14 +461,27 @@ class Sender:
             sorted(changes, key=group_of), key=group_of
         ):
             members = list(group)
-            items = [_http.encode_json(self._bulk_item(kind, c)) for c in members]
-            for start, end in bulk_chunks(
-                [len(item) for item in items], self.config.bulk_max_items, MAX_BULK_BYTES
-            ):
-                body = b"[" + b",".join(items[start:end]) + b"]"
-                await self._send_chunk(
-                    kind, group_type, members[start:end], body, run, avoid_export=avoid_export
-                )
+            for first in range(0, len(members), self.config.bulk_max_items):
+                chunk = members[first : first + self.config.bulk_max_items]
+                items = [self._bulk_item(kind, c) for c in chunk]
+                body = _http.encode_json(items)
+                if len(body) <= MAX_BULK_BYTES:  # as nearly always: one encoding
+                    await self._send_chunk(
+                        kind, group_type, chunk, body, run, avoid_export=avoid_export
+                    )
+                    continue
+                encoded = [_http.encode_json(item) for item in items]
+                for start, end in bulk_chunks(
+                    [len(item) for item in encoded], len(encoded), MAX_BULK_BYTES
+                ):
+                    await self._send_chunk(
+                        kind,
+                        group_type,
+                        chunk[start:end],
+                        b"[" + b",".join(encoded[start:end]) + b"]",
+                        run,
+                        avoid_export=avoid_export,
+                    )
 
     @staticmethod
     def _bulk_item(kind: Operation, change: Change) -> dict[str, Any]:

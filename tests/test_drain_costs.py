@@ -13,9 +13,11 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import pytest
 from helpers import make_config, outbox_rows
 
 import engage_async as ea
+from engage_async import _sender
 from engage_async._outbox import SqliteOutbox
 from engage_async.testing import FakeEngage
 
@@ -227,3 +229,31 @@ async def test_a_flusher_stopped_mid_poll_leaves_no_batch_leased(
     async with ea.OutboxFlusher(config) as other:
         report = await other.flush_once()
     assert (4, 0) == (report.created, report.pending)
+
+
+async def test_bulk_bodies_over_the_byte_limit_are_split_and_all_applied(
+    fake: FakeEngage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk of updates whose JSON is over the byte limit goes as several bulk requests,
+    each within it, and every update lands once.
+
+    The limit is lowered here: the real 16 MiB takes 4000 near-maximal payloads.
+    """
+    monkeypatch.setattr(_sender, "MAX_BULK_BYTES", 2_000)
+    config = config_for(fake, tmp_path, assume_default_contact_type=True)
+    guids = [fake.add_contact({"email": f"big{i}@example.com"}) for i in range(30)]
+    async with ea.EngageSession(config) as engage:
+        await fake.go_down()
+        for guid in guids:
+            assert (await engage.update_contact(guid, {"city": "x" * 150})).queued
+        await fake.come_up()
+    fake.clear_requests()
+    async with ea.OutboxFlusher(config) as flusher:
+        report = await flusher.flush_once()
+
+    patches = fake.requests_to("PATCH", BULK)
+    assert (30, 0) == (report.updated, report.pending)
+    assert len(patches) > 1
+    assert all(len(request.body) <= 2_000 for request in patches)
+    assert sorted(guids) == sorted(item["contactId"] for r in patches for item in r.json())
+    assert ["x" * 150] * 30 == [fake.contacts[g].attributes.get("city") for g in guids]

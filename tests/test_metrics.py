@@ -289,6 +289,7 @@ async def test_the_flusher_counts_deliveries_dead_letters_and_batches_by_operati
         fake.hold_batches = True
         async with ea.OutboxFlusher(config, meter_provider=provider) as flusher:
             await flusher.flush_once(wait_for_batches=False)
+            collect(reader)  # a reader asked: the next step counts the outbox again
             await flusher.flush_once(wait_for_batches=False)  # counts the batches held
             metrics = collect(reader)
             assert {key(): 1} == points(metrics["engage_async.bulk.batch.count"])
@@ -583,3 +584,39 @@ def test_metrics_port_must_be_a_port_number(capsys: pytest.CaptureFixture[str]) 
         cli.main(["flush", "--metrics-port", "70000"])
     assert 2 == exited.value.code
     assert "'70000' is not a port number" in capsys.readouterr().err
+
+
+async def test_without_a_reader_the_flusher_counts_the_outbox_once(
+    fake: FakeEngage,
+    tmp_path: Path,
+    provider: MeterProvider,
+    reader: InMemoryMetricReader,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Counting the outbox scans it: a flusher counts it again only after a reader collected
+    the last count, so with no reader (a no-op provider) it costs one count, not one every
+    few seconds.
+    """
+    monkeypatch.setattr(_metrics, "REFRESH_EVERY", 0.0)
+    monkeypatch.setattr(_metrics, "_QUERY_SHARE", 0.0)
+    config = flusher_config(fake, tmp_path)
+    async with ea.EngageSession(config):
+        pass
+    async with ea.OutboxFlusher(config, meter_provider=provider) as flusher:
+        store = flusher._ready()
+        counted = 0
+        counts = store.counts
+
+        async def counting() -> Any:
+            nonlocal counted
+            counted += 1
+            return await counts()
+
+        monkeypatch.setattr(store, "counts", counting)
+        for _ in range(3):
+            await flusher.flush_once()
+        unread = counted
+        collect(reader)
+        await flusher.flush_once()
+
+    assert (1, 2) == (unread, counted)
