@@ -181,9 +181,9 @@ class SlotWaits:
             return permit
 
         async def timed_acquire(
-            budget: Budget, priority: Priority, *, within: float | None = None
+            budget: Budget, priority: Priority, **options: Any
         ) -> Permit | None:
-            permit = await acquire(budget, priority, within=within)
+            permit = await acquire(budget, priority, **options)
             if priority is Priority.INTERACTIVE:
                 start = started.pop(asyncio.current_task(), None)
                 if start is not None:
