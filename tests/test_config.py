@@ -495,6 +495,21 @@ WRONG: dict[str, list[object]] = {
     "sftp_known_hosts": [42, True, b"hosts", ["hosts"], "kn\x00own"],
     "sftp_dir": [None, 42, True, "", "a\x00b"],
     "avoid_triggering_export": [None, 0, 1, "true", "yes", [True]],
+    # The outbox backend (None is its default: the file at outbox_path).
+    "outbox_url": [
+        42,
+        True,
+        b"sqlite:///x",
+        "",
+        "outbox.sqlite3",
+        "mysql://host/db",
+        "sqlite://relative",
+        "postgresql://host:99999/db",
+        "postgresql://host/",
+        "postgresql://host/db\n",
+    ],
+    "outbox_schema": [None, 42, "", "Engage", "1st", "my-outbox", "a" * 49, "s.t"],
+    "outbox_pool_size": [*BAD_INTS, 0, 101],
 }
 
 
