@@ -214,12 +214,12 @@ class PgOutbox:
         """Write what is waiting, stop listening, close the pool. Safe to call twice."""
         if self._closed:
             return
-        self._closed = True
         if self._lazy_flush is not None:
             self._lazy_flush.cancel()
         if self._lazy_identities or self._lazy_types:
             with contextlib.suppress(OutboxError):
                 await self._write_lazy()
+        self._closed = True
         if self._listener is not None:
             self._listener.cancel()
         tasks = [*self._tasks, *([self._listener] if self._listener else [])]
@@ -372,6 +372,11 @@ class PgOutbox:
                 or, as the message says, the answer to the commit was lost and not even a
                 second connection can tell whether it was kept.
         """
+        if self._lazy_identities or self._lazy_types:
+            # Cached lookups go out with the next write, as in the SQLite outbox: a flusher
+            # that claims this change then knows its contact's type.
+            with contextlib.suppress(OutboxError):
+                await self._write_lazy()
         queued: Queued | None = None
         if change.operation is not Operation.CREATE:
             queued = await self._insert_at_once(change)

@@ -3,21 +3,19 @@ GUID reconciliation, dead letters, and a flusher running inside an app.
 
 Changes are queued the way an application queues them (an `EngageSession` while the fake is
 down) and the outbox is inspected with plain SQL, so these tests pin what lands on disk as
-well as what Engage ends up holding.
+well as what Engage ends up holding. Every test runs on both outbox backends.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import sqlite3
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import create_outbox, make_config
+from helpers import BACKENDS, create_outbox, make_config, outbox_sql
 
 import engage_async as ea
 from engage_async.testing import FakeEngage, RecordedRequest
@@ -25,6 +23,7 @@ from engage_async.testing import FakeEngage, RecordedRequest
 CONTACTS = "/api/v3/contacts"
 BULK = "/api/v3/contacts/bulk"
 LOOKUP = "/api/v3/contacts/id"
+pytestmark = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 NOT_FOUND = {"errorCode": "ContactNotFound", "message": "No contact matches.", "statusCode": 404}
 
 
@@ -47,16 +46,13 @@ def changes(config: ea.EngageConfig) -> list[dict[str, Any]]:
 
 
 def query(config: ea.EngageConfig, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
-    """Rows of a read-only SQL query on the outbox file."""
-    with contextlib.closing(sqlite3.connect(config.outbox_path)) as conn:
-        conn.row_factory = sqlite3.Row
-        return [dict(row) for row in conn.execute(sql, tuple(params)).fetchall()]
+    """Rows of a read-only SQL query on the outbox (either backend)."""
+    return outbox_sql(config, sql, *params)
 
 
 def execute(config: ea.EngageConfig, sql: str, params: Iterable[Any] = ()) -> None:
     """Change the outbox behind the library's back (a crashed flusher, time passing)."""
-    with contextlib.closing(sqlite3.connect(config.outbox_path)) as conn, conn:
-        conn.execute(sql, tuple(params))
+    outbox_sql(config, sql, *params)
 
 
 def by_change_id(config: ea.EngageConfig) -> dict[str, dict[str, Any]]:
@@ -409,8 +405,9 @@ async def test_a_pending_batch_stays_in_flight_and_is_polled_at_growing_interval
     each later poll schedules the next one `batch_poll_initial * 2**polls` later (capped at
     `batch_poll_max`); once Engage finishes the batch, a flush settles it.
     """
+    # The first poll comes late enough that no flusher step, even on PostgreSQL, reaches it.
     config = flusher_config(
-        fake, tmp_path, bulk_threshold=2, batch_poll_initial=0.02, batch_poll_max=0.1
+        fake, tmp_path, bulk_threshold=2, batch_poll_initial=0.05, batch_poll_max=0.25
     )
     emails = ["p1@example.com", "p2@example.com"]
     async with ea.EngageSession(config) as engage:
@@ -438,10 +435,10 @@ async def test_a_pending_batch_stays_in_flight_and_is_polled_at_growing_interval
             finished = time.time()
             [after] = query(config, "SELECT polls, next_poll_at, state FROM batches")
             assert "submitted" == after["state"]
-            wait = min(0.1, 0.02 * 2 ** after["polls"])
+            wait = min(0.25, 0.05 * 2 ** after["polls"])
             assert started + wait - 1e-6 <= after["next_poll_at"] <= finished + wait + 1e-6
             waits.append(wait)
-        assert [0.04, 0.08, 0.1, 0.1] == waits
+        assert [0.1, 0.2, 0.25, 0.25] == waits
         assert all(row["state"] == "inflight" for row in changes(config))
 
         fake.release_batches()
@@ -487,7 +484,10 @@ async def test_reconciliation_records_the_guid_and_releases_the_changes_waiting_
     to that GUID (after the lookup that found it), and the contacts with changes waiting on
     them are looked up first.
     """
-    config = flusher_config(fake, tmp_path, bulk_threshold=3)
+    # The batch is polled only after a step that claimed nothing ended the bulk backlog.
+    config = flusher_config(
+        fake, tmp_path, bulk_threshold=3, batch_poll_initial=0.2, batch_poll_max=0.2
+    )
     async with ea.EngageSession(config) as engage:
         await fake.go_down()
         lonely = await engage.create_contact({"email": "lonely@example.com"})
@@ -715,7 +715,7 @@ async def test_a_flusher_is_used_only_while_open(fake: FakeEngage, tmp_path: Pat
     be opened again; closing twice is harmless.
     """
     config = flusher_config(fake, tmp_path)
-    await create_outbox(config.outbox_path)
+    await create_outbox(config)
     flusher = ea.OutboxFlusher(config)
     with pytest.raises(RuntimeError, match="not open"):
         await flusher.flush_once()

@@ -1,8 +1,10 @@
 """When the session queues a write, and that a queued write really is on disk.
 
 Engage misbehaves through FakeEngage's faults; the outbox is always read back through a fresh
-sqlite3 connection, so "on disk" means committed where another process can see it, not held in
-the session's memory. The session answering normally is tested elsewhere.
+connection of the test's own (sqlite3, or asyncpg for PostgreSQL), so "on disk" means
+committed where another process can see it, not held in the session's memory. The session
+answering normally is tested elsewhere. Every test runs on both outbox backends, except those
+about the SQLite file itself.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from helpers import make_config
+from helpers import BACKENDS, make_config, outbox_rows
 
 import engage_async as ea
 from engage_async.testing import FakeEngage
@@ -35,16 +37,12 @@ ONE_CONTACT = "/api/v3/contacts/*"
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def outbox_rows(path: Path) -> list[dict[str, Any]]:
-    """Every row of ``changes``, in seq order, read through a connection of our own."""
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        conn.row_factory = sqlite3.Row
-        return [dict(row) for row in conn.execute("SELECT * FROM changes ORDER BY seq")]
+pytestmark = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 
 
-def row_of(path: Path, change_id: str) -> dict[str, Any] | None:
+def row_of(config: ea.EngageConfig, change_id: str) -> dict[str, Any] | None:
     """The row holding `change_id`, read through a connection of our own, or None."""
-    found = [row for row in outbox_rows(path) if row["change_id"] == change_id]
+    found = [row for row in outbox_rows(config) if row["change_id"] == change_id]
     return found[0] if found else None
 
 
@@ -84,7 +82,7 @@ async def test_update_queued_when_engage_is_down(
 
     assert (True, guid) == (delivery.queued, delivery.contact_id)
     assert delivery.change_id is not None
-    row = row_of(config.outbox_path, delivery.change_id)
+    row = row_of(config, delivery.change_id)
     assert row is not None
     assert ("update", "pending", guid, f"id:{guid}", '{"firstName":"Ann"}') == (
         row["operation"],
@@ -122,7 +120,7 @@ async def test_update_queued_on_fault(
 
     assert (True, known) == (delivery.queued, delivery.contact_id)
     assert delivery.change_id is not None
-    row = row_of(config.outbox_path, delivery.change_id)
+    row = row_of(config, delivery.change_id)
     assert row is not None
     assert ("update", "pending", '{"firstName":"Changed"}') == (
         row["operation"],
@@ -155,7 +153,7 @@ async def test_rate_limited_with_retry_after_beyond_the_deadline_queues_at_once(
 
     assert (True, 1) == (delivery.queued, len(fake.requests_to("PATCH", ONE_CONTACT)))
     assert delivery.change_id is not None
-    assert row_of(config.outbox_path, delivery.change_id) is not None
+    assert row_of(config, delivery.change_id) is not None
 
 
 async def test_contact_type_change_queued_when_down(
@@ -168,7 +166,7 @@ async def test_contact_type_change_queued_when_down(
 
     assert delivery.queued
     assert delivery.change_id is not None
-    row = row_of(config.outbox_path, delivery.change_id)
+    row = row_of(config, delivery.change_id)
     assert row is not None
     assert ("contact_type", "Contact", guid) == (
         row["operation"],
@@ -187,7 +185,7 @@ async def test_promote_to_member_queued_on_server_error(
 
     assert delivery.queued
     assert delivery.change_id is not None
-    row = row_of(config.outbox_path, delivery.change_id)
+    row = row_of(config, delivery.change_id)
     assert row is not None
     assert ("contact_type", "Member") == (row["operation"], row["contact_type"])
 
@@ -218,7 +216,7 @@ async def test_caller_errors_are_raised_not_queued(
     with pytest.raises(error):
         await session.update_contact(known, {"firstName": "Changed"})
 
-    assert [] == outbox_rows(config.outbox_path)
+    assert [] == outbox_rows(config)
 
 
 @pytest.mark.parametrize(
@@ -237,7 +235,7 @@ async def test_rejected_create_is_raised_not_queued(
     with pytest.raises(error):
         await session.create_contact({"email": "new@example.com"})
 
-    assert [] == outbox_rows(config.outbox_path)
+    assert [] == outbox_rows(config)
 
 
 async def test_update_of_unknown_contact_raises_not_found(
@@ -247,7 +245,7 @@ async def test_update_of_unknown_contact_raises_not_found(
     with pytest.raises(ea.ContactNotFound):
         await session.update_contact(new_guid(), {"firstName": "Nobody"})
 
-    assert [] == outbox_rows(config.outbox_path)
+    assert [] == outbox_rows(config)
 
 
 # --- creates -------------------------------------------------------------------------------------
@@ -262,7 +260,7 @@ async def test_create_queued_when_down_looks_up_first(
     assert (True, None) == (delivery.queued, delivery.contact_id)
     assert delivery.change_id is not None
     assert delivery.ref is not None
-    row = row_of(config.outbox_path, delivery.change_id)
+    row = row_of(config, delivery.change_id)
     assert row is not None
     assert ("create", delivery.ref, f"ref:{delivery.ref}", "Member", "email", 1) == (
         row["operation"],
@@ -285,7 +283,7 @@ async def test_create_hanging_after_post_is_queued_with_lookup_first(
     assert delivery.queued
     assert delivery.change_id is not None
     assert [("GET", LOOKUP), ("POST", CONTACTS)] == paths(fake)[:2]
-    row = row_of(config.outbox_path, delivery.change_id)
+    row = row_of(config, delivery.change_id)
     assert row is not None
     assert ("create", 1) == (row["operation"], row["lookup_first"])
 
@@ -307,7 +305,7 @@ async def test_create_with_lost_reply_and_failing_lookup_is_queued_with_lookup_f
     assert delivery.queued
     assert delivery.change_id is not None
     assert 1 == len(fake.find("email", "new@example.com"))
-    row = row_of(config.outbox_path, delivery.change_id)
+    row = row_of(config, delivery.change_id)
     assert row is not None
     assert ("create", 1) == (row["operation"], row["lookup_first"])
 
@@ -324,7 +322,7 @@ async def test_create_with_lost_reply_found_by_lookup_is_not_queued(
     assert (False, found, [], 1) == (
         delivery.queued,
         [delivery.contact_id],
-        outbox_rows(config.outbox_path),
+        outbox_rows(config),
         len(fake.requests_to("POST", CONTACTS)),
     )
 
@@ -358,7 +356,7 @@ async def test_create_refused_at_connect_after_lookup_is_queued_without_lookup_f
     assert delivery.queued
     assert delivery.change_id is not None
     assert [("GET", LOOKUP)] == paths(fake)
-    row = row_of(config.outbox_path, delivery.change_id)
+    row = row_of(config, delivery.change_id)
     assert row is not None
     assert ("create", 0) == (row["operation"], row["lookup_first"])
 
@@ -374,7 +372,7 @@ async def test_create_rolled_back_by_engage_is_queued_without_lookup_first(
     assert delivery.queued
     assert delivery.change_id is not None
     assert [] == fake.find("email", "new@example.com")
-    row = row_of(config.outbox_path, delivery.change_id)
+    row = row_of(config, delivery.change_id)
     assert row is not None
     assert ("create", 0) == (row["operation"], row["lookup_first"])
 
@@ -434,7 +432,7 @@ async def test_open_circuit_queues_without_a_request(
         kind.queued,
         len(fake.requests),
     )
-    ids = {row["change_id"] for row in outbox_rows(breaker_config.outbox_path)}
+    ids = {row["change_id"] for row in outbox_rows(breaker_config)}
     assert {update.change_id, create.change_id, kind.change_id} <= ids
 
 
@@ -504,7 +502,7 @@ async def test_changes_to_a_queued_create_wait_for_it_even_when_engage_is_back(
     assert [] == paths(fake)
     assert (True, True, True) == (update.queued, kind.queued, promote.queued)
     assert (created.ref, created.ref, created.ref) == (update.ref, kind.ref, promote.ref)
-    rows = outbox_rows(config.outbox_path)
+    rows = outbox_rows(config)
     assert [
         ("create", created.change_id, "Member"),
         ("contact_type", kind.change_id, "Contact"),
@@ -524,7 +522,7 @@ async def test_changes_to_a_queued_create_wait_while_it_is_down(
     kind = await session.update_contact_type(created.ref, "Contact")
     update = await session.update_contact(created.ref, {"firstName": "After"})
 
-    rows = outbox_rows(config.outbox_path)
+    rows = outbox_rows(config)
     assert [created.change_id, kind.change_id, update.change_id] == [
         row["change_id"] for row in rows
     ]
@@ -545,7 +543,7 @@ async def test_change_to_contact_with_queued_changes_waits_while_engage_is_up(
     assert [] == paths(fake)
     assert (True, True, True) == (first.queued, kind.queued, update.queued)
     assert [first.change_id, kind.change_id, update.change_id] == [
-        row["change_id"] for row in outbox_rows(config.outbox_path)
+        row["change_id"] for row in outbox_rows(config)
     ]
     assert "Known" == fake.contacts[known].attributes["firstName"]
 
@@ -563,7 +561,7 @@ async def test_change_to_another_contact_is_sent_at_once(
 
     assert (True, False, None) == (waiting.queued, sent.queued, sent.change_id)
     assert [("PATCH", f"{CONTACTS}/{known}")] == paths(fake)
-    assert [waiting.change_id] == [row["change_id"] for row in outbox_rows(config.outbox_path)]
+    assert [waiting.change_id] == [row["change_id"] for row in outbox_rows(config)]
 
 
 # --- honest answers ---------------------------------------------------------------------------
@@ -590,6 +588,7 @@ async def impatient_session_fixture(
         yield session
 
 
+@pytest.mark.sqlite_only
 async def test_locked_outbox_raises_for_update(impatient_session: ea.EngageSession) -> None:
     """An update that cannot be committed raises OutboxError: never queued=True."""
     path = impatient_session.config.outbox_path
@@ -599,6 +598,7 @@ async def test_locked_outbox_raises_for_update(impatient_session: ea.EngageSessi
     assert [] == outbox_rows(path)
 
 
+@pytest.mark.sqlite_only
 async def test_locked_outbox_raises_for_create(impatient_session: ea.EngageSession) -> None:
     """A create that cannot be committed raises OutboxError: never queued=True."""
     path = impatient_session.config.outbox_path
@@ -608,6 +608,7 @@ async def test_locked_outbox_raises_for_create(impatient_session: ea.EngageSessi
     assert [] == outbox_rows(path)
 
 
+@pytest.mark.sqlite_only
 async def test_outbox_works_again_once_the_lock_is_released(
     impatient_session: ea.EngageSession,
 ) -> None:
@@ -629,6 +630,7 @@ def refused_url_fixture() -> Iterator[str]:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
+@pytest.mark.sqlite_only
 def test_full_disk_raises_outbox_error(tmp_path: Path, refused_url: str) -> None:
     """When SQLite cannot grow the file (EFBIG under RLIMIT_FSIZE), the write raises
     OutboxError; every write that did return queued=True is on disk, and nothing else is.
@@ -656,6 +658,7 @@ def test_full_disk_raises_outbox_error(tmp_path: Path, refused_url: str) -> None
 # --- concurrency --------------------------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only
 async def test_many_concurrent_updates_share_commits(
     down: FakeEngage, session: ea.EngageSession, config: ea.EngageConfig
 ) -> None:
@@ -680,7 +683,7 @@ async def test_many_concurrent_updates_share_commits(
     )
 
     assert [True] * 200 == [delivery.queued for delivery in deliveries]
-    rows = outbox_rows(config.outbox_path)
+    rows = outbox_rows(config)
     assert sorted(guids) == sorted(row["contact_id"] for row in rows)
     assert sorted(d.change_id for d in deliveries) == sorted(row["change_id"] for row in rows)
     assert 1 <= commits < len(guids)
