@@ -91,6 +91,13 @@ def _number(attribute: attrs.Attribute[Any], value: Any) -> float:
     return float(value)
 
 
+def _optional_positive(
+    _: Any, attribute: attrs.Attribute[float | None], value: float | None
+) -> None:
+    if value is not None and not _number(attribute, value) > 0:
+        raise ValueError(f"{attribute.name}: must be greater than 0, or None")
+
+
 def _boolean(_: Any, attribute: attrs.Attribute[bool], value: bool) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{attribute.name}: must be True or False")
@@ -386,6 +393,9 @@ class EngageConfig:
     )
     outbox_schema: str = attrs.field(default="engage_outbox", validator=_outbox_schema)
     outbox_pool_size: int = attrs.field(default=10, validator=_whole(1, 100))
+    # How long a session waits for a PostgreSQL outbox; None: the share of the interactive
+    # deadline the session keeps for the outbox (a tenth, at least 0.2 s).
+    outbox_timeout: float | None = attrs.field(default=None, validator=_optional_positive)
     # Uploading XML files to Engage's SFTP server: off unless sftp_host is set.
     sftp_host: str | None = attrs.field(default=None, validator=_optional_name)
     sftp_port: int = attrs.field(default=22, validator=_whole(1, 65535))
@@ -542,6 +552,7 @@ _ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "outbox_url": ("ENGAGE_OUTBOX_URL", _same),
     "outbox_schema": ("ENGAGE_OUTBOX_SCHEMA", _same),
     "outbox_pool_size": ("ENGAGE_OUTBOX_POOL_SIZE", _parse_int),
+    "outbox_timeout": ("ENGAGE_OUTBOX_TIMEOUT", _parse_number),
     "api_version": ("ENGAGE_API_VERSION", _parse_int),
     "rate_limit": ("ENGAGE_RATE_LIMIT", _parse_number),
     "interactive_deadline": ("ENGAGE_INTERACTIVE_DEADLINE", _parse_number),

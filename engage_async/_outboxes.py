@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ._clock import SYSTEM_CLOCK, Clock
 from ._config import EngageConfig, sqlite_path_of
+from ._errors import OutboxError
 from ._outbox import SqliteOutbox
 from ._store import OutboxStore
 
@@ -23,7 +24,11 @@ _LEAST_SESSION_TIMEOUT = 0.2
 
 
 def session_timeout(config: EngageConfig) -> float:
-    """How long a session's call may wait for a PostgreSQL outbox."""
+    """How long a session's call may wait for a PostgreSQL outbox (`outbox_timeout`, else
+    the outbox's share of the interactive deadline).
+    """
+    if config.outbox_timeout is not None:
+        return config.outbox_timeout
     return max(config.interactive_deadline * _OUTBOX_SHARE, _LEAST_SESSION_TIMEOUT)
 
 
@@ -56,13 +61,21 @@ async def open_outbox(
             timeout=config.busy_timeout,
             lease_seconds=config.lease_seconds,
         )
-    return await SqliteOutbox.open(
+    outbox = await SqliteOutbox.open(
         config.outbox_path,
         busy_timeout=config.busy_timeout,
         durability=config.durability,
         clock=clock,
         create=create,
     )
+    moved = await outbox.moved_to()
+    if moved is not None:
+        await outbox.close()
+        raise OutboxError(
+            f"the outbox at {config.outbox_path} was moved to {moved} (engage-async outbox "
+            "migrate): point outbox_url (ENGAGE_OUTBOX_URL) there"
+        )
+    return outbox
 
 
 async def open_location(

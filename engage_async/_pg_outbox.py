@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
@@ -169,11 +168,10 @@ class PgOutbox:
         where = url_without_password(url)
         setup = None
         if clock is not SYSTEM_CLOCK:
-            # Tests move time with an injected clock: the server's clock moves with it.
+            # Tests move time with an injected clock: the outbox's time is that clock's.
             async def setup(conn: Any) -> None:
-                offset = clock.wall() - time.time()
                 await conn.execute(
-                    "SELECT set_config('engage_outbox.clock_offset', $1, false)", repr(offset)
+                    "SELECT set_config('engage_outbox.clock_now', $1, false)", repr(clock.wall())
                 )
 
         try:
@@ -219,16 +217,17 @@ class PgOutbox:
         if self._lazy_identities or self._lazy_types:
             with contextlib.suppress(OutboxError):
                 await self._write_lazy()
+        # A NOTIFY still to go out tells the other hosts about this process's last enqueue.
+        pending = [task for task in self._tasks if not task.done()]
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=1.0)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         self._closed = True
         if self._listener is not None:
             self._listener.cancel()
-        tasks = [*self._tasks, *([self._listener] if self._listener else [])]
-        for task in tasks:
-            if task is not self._listener and not task.done():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(task), 1.0)
-                task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(self._listener, return_exceptions=True)
         for wake in self._wakes:
             _listeners.get(self._listen_key, set()).discard(wake)
         try:

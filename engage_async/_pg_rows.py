@@ -551,19 +551,23 @@ async def local_flushers(conn: Conn, s: str, host: str, pidns: str) -> list[tupl
 
 
 async def recover(conn: Conn, s: str, owner: str, gone: Sequence[str]) -> int:
-    """Give back what other flushers held once their lease ran out on the server's clock (or
-    at once for `gone`, seen dead on this host); how many rows came back. One statement.
+    """Give back what any flusher held once its lease ran out on the server's clock (or at
+    once for `gone`, seen dead on this host); how many rows came back. One statement.
+
+    `owner`'s own rows come back too once their lease ran out: its flushes renew what they
+    hold, so a lease of its own that ran out is one it no longer knows of (a claim whose
+    answer was lost, a flush the database failed under); only its registration is kept.
     """
     expired = f"(lease_until < {s}.clock() OR lease_owner = ANY($2::text[]))"
     count = await conn.fetchval(
         f"WITH back AS (UPDATE {s}.changes SET state = 'pending', {_UNLEASED},"
         f" next_attempt_at = {s}.clock(), updated_at = {s}.clock()"
-        f" WHERE state = 'inflight' AND lease_owner IS NOT NULL AND lease_owner <> $1"
+        f" WHERE state = 'inflight' AND lease_owner IS NOT NULL"
         f" AND batch_id IS NULL AND {expired} RETURNING 1),"
         f" waiting AS (UPDATE {s}.changes SET {_UNLEASED} WHERE state = 'waiting_guid'"
-        f" AND lease_owner IS NOT NULL AND lease_owner <> $1 AND {expired} RETURNING 1),"
+        f" AND lease_owner IS NOT NULL AND {expired} RETURNING 1),"
         f" batches AS (UPDATE {s}.batches SET {_UNLEASED} WHERE state = 'submitted'"
-        f" AND lease_owner IS NOT NULL AND lease_owner <> $1 AND {expired} RETURNING 1),"
+        f" AND lease_owner IS NOT NULL AND {expired} RETURNING 1),"
         f" forgotten AS (DELETE FROM {s}.flushers WHERE owner <> $1"
         f" AND (lease_until < {s}.clock() OR owner = ANY($2::text[])) RETURNING 1)"
         # Statements in WITH run to completion whether or not the query reads them.

@@ -12,10 +12,10 @@ newer version marked not breaking (an expand step that only adds) is accepted, s
 processes can run side by side during a rolling deploy.
 
 Times are ``float8`` seconds since the epoch, as in the SQLite file, and every one of them is
-the database server's: ``<schema>.clock()``. So hosts whose clocks disagree agree on every
-lease, pause and due time. (`clock` adds ``engage_outbox.clock_offset`` seconds when a
-connection sets it: the tests' injected clock moves the server's time that way; nothing else
-sets it.)
+the database server's: ``<schema>.clock()``, the start of the current transaction. So hosts
+whose clocks disagree agree on every lease, pause and due time. (A connection that sets
+``engage_outbox.clock_now`` gets that time instead: an outbox opened with an injected clock,
+as the tests do, sets it to that clock's time on every use; nothing else sets it.)
 """
 
 from __future__ import annotations
@@ -43,8 +43,10 @@ class Migration:
 
 _V1 = """
 CREATE FUNCTION {s}.clock() RETURNS float8 LANGUAGE sql STABLE AS $$
-    SELECT extract(epoch FROM now())::float8
-        + coalesce(nullif(current_setting('engage_outbox.clock_offset', true), '')::float8, 0)
+    SELECT coalesce(
+        nullif(current_setting('engage_outbox.clock_now', true), '')::float8,
+        extract(epoch FROM now())::float8
+    )
 $$;
 
 CREATE TABLE {s}.changes (

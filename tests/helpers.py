@@ -47,7 +47,9 @@ class Backend:
         """The config fields that point at this backend (none for SQLite: outbox_path)."""
         if not self.postgres:
             return {}
-        return {"outbox_url": self.url, "outbox_schema": self.schema}
+        # A busy test machine may stall a statement past the outbox's share of a test's short
+        # interactive deadline; the tests of that share set outbox_timeout=None themselves.
+        return {"outbox_url": self.url, "outbox_schema": self.schema, "outbox_timeout": 5.0}
 
     def env(self) -> dict[str, str]:
         """The same, as ENGAGE_* variables for a subprocess."""

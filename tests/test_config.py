@@ -510,6 +510,7 @@ WRONG: dict[str, list[object]] = {
     ],
     "outbox_schema": [None, 42, "", "Engage", "1st", "my-outbox", "a" * 49, "s.t"],
     "outbox_pool_size": [*BAD_INTS, 0, 101],
+    "outbox_timeout": [0, -1.0, math.nan, math.inf, "1", True, [1.0]],
 }
 
 

@@ -2,7 +2,8 @@
 `FakeEngage`.
 
 The fake serves from this test's event loop, so every subprocess is awaited through asyncio
-and never blocks the loop. The sidecar is configured only through ``ENGAGE_*`` variables.
+and never blocks the loop. The sidecar is configured only through ``ENGAGE_*`` variables, on
+either outbox backend.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import BACKEND, BACKENDS
 from test_flusher import (
     CONTACTS,
     attribute,
@@ -31,7 +33,7 @@ from test_flusher import (
 import engage_async as ea
 from engage_async.testing import FakeEngage
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.parametrize("backend", BACKENDS, indirect=True)]
 
 REPORT = re.compile(
     r"sent (\d+), created (\d+), updated (\d+), reconciled (\d+), dead (\d+), "
@@ -58,6 +60,7 @@ def sidecar_env(fake: FakeEngage, config: ea.EngageConfig, **extra: str) -> dict
             "ENGAGE_LEASE_SECONDS": "0.5",
             "ENGAGE_RATE_LIMIT": "1000",
             "ENGAGE_REQUEST_TIMEOUT": "5",
+            **BACKEND.env(),
         }
     )
     env.update(extra)
