@@ -372,6 +372,58 @@ async def unfinished(config: ea.EngageConfig) -> int:
     return int(rows[0]["n"])
 
 
+@pytest.mark.slow
+async def test_two_hosts_writing_the_same_contacts_while_a_flusher_claims_keep_order(
+    config: ea.EngageConfig,
+) -> None:
+    """Two handles with pools of their own (two hosts) queue updates to the same five contacts
+    at once, one setting "a" to 0, 1, 2, ... and the other "b", while a third claims and
+    applies what is due: no update is lost (a merge never lands in a row just claimed), and
+    each contact sees each writer's values in the order they were written.
+    """
+    assert config.outbox_url is not None
+    hosts = [await open_outbox(config) for _ in range(3)]
+    one, two, flusher = hosts
+    rounds, contacts = 40, 5
+    applied: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    writing = True
+
+    async def write(outbox: Any, field: str) -> None:
+        for value in range(rounds):
+            await asyncio.gather(
+                *(outbox.enqueue(update(n, {field: value})) for n in range(contacts))
+            )
+
+    async def drain() -> None:
+        while True:
+            claimed = await flusher.claim("drain", limit=100, lease_seconds=30.0)
+            for change in claimed:
+                applied[change.contact_key].append(change.body or {})
+            await flusher.finish([change.seq for change in claimed])
+            if not claimed and not writing:
+                return
+            await asyncio.sleep(0.001)
+
+    try:
+        draining = asyncio.create_task(drain())
+        await asyncio.gather(write(one, "a"), write(two, "b"))
+        writing = False
+        await draining
+    finally:
+        for outbox in hosts:
+            await outbox.close()
+
+    assert contacts == len(applied)
+    for bodies in applied.values():
+        final: dict[str, Any] = {}
+        for body in bodies:
+            final.update(body)
+        assert {"a": rounds - 1, "b": rounds - 1} == final
+        for field in ("a", "b"):
+            seen = [body[field] for body in bodies if field in body]
+            assert sorted(seen) == seen
+
+
 # --- one clock ---------------------------------------------------------------------------------
 
 
