@@ -62,6 +62,7 @@ __all__ = [
     "due_count",
     "enqueue",
     "enqueue_at_once",
+    "enqueue_many_at_once",
     "enqueue_outcome",
     "export_rows",
     "exported",
@@ -352,8 +353,12 @@ async def enqueue_at_once(
     follow their commits; its snapshot is older than the lock, so a pending change committed
     in between is not merged into, only queued behind (order kept, one request more).
     """
+    # Only a pending tail can take a merge. Asked as "the tail's state" so that the plan,
+    # made once for every contact (generic), walks this contact's index entries backwards
+    # from its newest, never the pending rows of every contact.
     mergeable = (
-        f"EXISTS (SELECT 1 FROM {s}.changes WHERE contact_key = $5::text AND state = 'pending')"
+        f"coalesce((SELECT state FROM {s}.changes WHERE contact_key = $5::text AND {_ACTIVE}"
+        " ORDER BY seq DESC LIMIT 1) = 'pending', false)"
         if change.operation is Operation.UPDATE and change.body is not None
         else "false"
     )
@@ -369,6 +374,57 @@ async def enqueue_at_once(
     if seq is None:
         return None
     return Queued(change_id, ref=change.ref)
+
+
+_MANY_COLUMNS = (
+    "change_id, operation, contact_key, contact_id, ref, contact_type, key_name, key_value,"
+    " identity, body, query, lookup_first, if_exists, last_error, mergeable"
+)
+_MANY_TYPES = ("text",) * 11 + ("boolean", "text", "text", "boolean")
+
+
+async def enqueue_many_at_once(
+    conn: Conn, s: str, space: int, items: Sequence[tuple[NewChange, str]]
+) -> set[str]:
+    """`enqueue_at_once` for several changes (each with its change id) in one statement; the
+    change ids inserted (the others might be merged: `enqueue` decides).
+
+    The advisory locks of all their contacts are taken first, in one order, so two such
+    statements never deadlock, and each contact's seqs follow the order of `items`.
+    """
+    columns = [
+        [*_insert_values(change, change_id), _may_merge(change)] for change, change_id in items
+    ]
+    arrays = [list(column) for column in zip(*columns, strict=True)]
+    params = ", ".join(f"${n}::{kind}[]" for n, kind in enumerate(_MANY_TYPES, start=3))
+    contact_type = (
+        "CASE WHEN i.operation = 'update' AND i.contact_type IS NULL"
+        f" THEN {_known_type_sql(s, 'i.contact_key', 'i.ref')} ELSE i.contact_type END"
+    )
+    tail_pending = (
+        f"coalesce((SELECT t.state FROM {s}.changes AS t WHERE t.contact_key = i.contact_key"
+        f" AND t.{_ACTIVE} ORDER BY t.seq DESC LIMIT 1) = 'pending', false)"
+    )
+    rows = await conn.fetch(
+        f"WITH locked AS (SELECT count(pg_advisory_xact_lock($1, k)) AS n"
+        f" FROM (SELECT DISTINCT k FROM unnest($2::integer[]) AS u (k) ORDER BY k) AS keys)"
+        f" INSERT INTO {s}.changes ({_INSERT_COLUMNS})"
+        f" SELECT i.change_id, i.operation, i.contact_key, i.contact_id, i.ref, {contact_type},"
+        " i.key_name, i.key_value, i.identity, i.body, i.query, i.lookup_first, i.if_exists,"
+        " now.t, now.t, now.t, i.last_error"
+        f" FROM unnest({params}) WITH ORDINALITY AS i ({_MANY_COLUMNS}, n),"
+        f" locked, (SELECT {s}.clock() AS t) AS now"
+        f" WHERE locked.n >= 0 AND NOT (i.mergeable AND {tail_pending})"
+        " ORDER BY i.n RETURNING change_id",
+        space,
+        [lock_key(change.contact_key) for change, _ in items],
+        *arrays,
+    )
+    return {row["change_id"] for row in rows}
+
+
+def _may_merge(change: NewChange) -> bool:
+    return change.operation is Operation.UPDATE and change.body is not None
 
 
 async def enqueue(conn: Conn, s: str, space: int, change: NewChange) -> Queued:

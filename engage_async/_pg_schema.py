@@ -95,6 +95,8 @@ CREATE INDEX changes_queued_creates ON {s}.changes (identity)
     WHERE operation = 'create' AND state IN ('pending', 'inflight', 'waiting_guid');
 CREATE INDEX changes_by_xml_plan ON {s}.changes (xml_plan) WHERE xml_plan IS NOT NULL;
 CREATE INDEX changes_done ON {s}.changes (done_at) WHERE state = 'done';
+-- Leases by their end, so finding the expired ones (every flusher step) reads only those.
+CREATE INDEX changes_leased ON {s}.changes (lease_until) WHERE lease_owner IS NOT NULL;
 
 CREATE TABLE {s}.identities (
     key         text PRIMARY KEY,
