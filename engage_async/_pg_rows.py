@@ -27,8 +27,6 @@ import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-import attrs
-
 from ._changes import Batch, Change, NewChange, Operation, Queued, State, dumps, loads
 from ._coalesce import merge_changes
 from ._create_policy import without_type
@@ -638,8 +636,13 @@ async def claim(conn: Conn, s: str, owner: str, limit: int, lease: float) -> lis
     """Lease up to `limit` due heads of their contacts' chains, oldest first. One statement.
 
     A create is marked "look up first" in the same statement; the rows returned show the
-    mark as it was.
+    mark as it was. An update whose type was not known when it was queued carries the type
+    learned since (a bulk update is sent under it).
     """
+    known_type = (
+        f"coalesce(c.contact_type, CASE WHEN c.operation = 'update' THEN (SELECT t.contact_type"
+        f" FROM {s}.contact_types AS t WHERE t.contact_id = c.contact_id) END)"
+    )
     rows = await conn.fetch(
         f"WITH picked AS (SELECT c.seq, c.lookup_first AS was_lookup_first"
         f" FROM {s}.changes AS c WHERE c.state = 'pending' AND c.next_attempt_at <= {s}.clock()"
@@ -650,23 +653,19 @@ async def claim(conn: Conn, s: str, owner: str, limit: int, lease: float) -> lis
         f" lease_until = {s}.clock() + $3, updated_at = {s}.clock(),"
         " lookup_first = (c.operation = 'create' OR c.lookup_first)"
         " FROM picked WHERE c.seq = picked.seq"
-        " RETURNING c.*, picked.was_lookup_first,"
-        f" (SELECT t.contact_type FROM {s}.contact_types AS t"
-        "  WHERE t.contact_id = c.contact_id) AS known_type",
+        " RETURNING c.seq, c.change_id, c.operation, c.state, c.contact_key, c.contact_id,"
+        f" c.ref, {known_type} AS contact_type, c.key_name, c.key_value, c.body, c.folded,"
+        " c.query, picked.was_lookup_first AS lookup_first, c.if_exists, c.attempts,"
+        " c.lookups, c.send_alone, c.created_at, c.updated_at, c.next_attempt_at,"
+        " c.lease_owner, c.lease_until, c.batch_id, c.batch_index, c.error_code,"
+        " c.last_error, c.exported_to",
         owner,
         limit,
         lease,
     )
-    claimed = [_claimed(row) for row in rows]
+    claimed = _changes(rows)
     claimed.sort(key=lambda change: change.seq)
     return claimed
-
-
-def _claimed(row: Any) -> Change:
-    change = attrs.evolve(_change(row), lookup_first=bool(row["was_lookup_first"]))
-    if change.operation is Operation.UPDATE and change.contact_type is None and row["known_type"]:
-        return attrs.evolve(change, contact_type=row["known_type"])
-    return change
 
 
 # --- outcomes ----------------------------------------------------------------------------
