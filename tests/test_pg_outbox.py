@@ -361,6 +361,72 @@ async def test_a_restart_of_postgresql_mid_flush_loses_and_doubles_nothing(
     assert {"done": 20} == dict(collections.Counter(row["state"] for row in outbox_rows(config)))
 
 
+@pytest.mark.parametrize("lost", ["after the commit", "before the statement"])
+async def test_a_lost_answer_to_an_enqueue_is_told_truthfully(
+    config: ea.EngageConfig, monkeypatch: pytest.MonkeyPatch, lost: str
+) -> None:
+    """The connection goes away around an enqueue: when the change was committed the caller
+    gets queued=True (the outbox looked it up by its id), when it was not, OutboxError; never
+    the other way round, and never a second copy.
+    """
+    from engage_async import _pg_rows
+
+    real = _pg_rows.enqueue_at_once
+
+    async def flaky(*args: Any) -> Any:
+        if lost == "before the statement":
+            raise asyncpg.ConnectionDoesNotExistError("connection was closed")
+        await real(*args)
+        raise asyncpg.ConnectionDoesNotExistError("connection was closed")
+
+    outbox = await open_outbox(config)
+    try:
+        monkeypatch.setattr(_pg_rows, "enqueue_at_once", flaky)
+        if lost == "after the commit":
+            queued = await outbox.enqueue(update(7))
+            expected = [queued.change_id]
+        else:
+            with pytest.raises(ea.OutboxError):
+                await outbox.enqueue(update(7))
+            expected = []
+    finally:
+        monkeypatch.undo()
+        await outbox.close()
+
+    assert expected == [row["change_id"] for row in outbox_rows(config)]
+
+
+@pytest.mark.slow
+async def test_a_flusher_still_wakes_on_notify_after_postgresql_restarted(
+    postgres: Postgres, fake: FakeEngage, config: ea.EngageConfig
+) -> None:
+    """Notifications are lost while the listener's connection is down: after a restart it
+    reconnects by itself, so a change queued afterwards by another process still wakes a
+    flusher that polls only every minute.
+    """
+    slow_poll = attrs_evolve(config, poll_interval=60.0, background_delays=(0.05,))
+    guid = fake.add_contact({"email": "after-restart@example.com"})
+    await (await open_outbox(config)).close()
+    async with ea.OutboxFlusher(slow_poll) as flusher:
+        flusher.start()
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(postgres.restart)
+        # The server is back: the listener's first try comes within 0.75 s of losing it.
+        await asyncio.sleep(2.0)
+        fake.inject("server_error", method="PATCH", times=1)
+        await host(
+            host_env(fake, config, retry_attempts="1"),
+            0.0,
+            "queue",
+            json.dumps([{"update": guid, "changes": {"city": "Again"}}]),
+        )
+        async with asyncio.timeout(20):
+            while fake.contact_json(guid)["attributes"].get("city") != "Again":
+                await asyncio.sleep(0.05)
+
+    assert "Again" == fake.contact_json(guid)["attributes"]["city"]
+
+
 async def unfinished(config: ea.EngageConfig) -> int:
     """How many changes are not done or dead yet (0 also while the server cannot say)."""
     try:
