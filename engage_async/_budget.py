@@ -510,6 +510,12 @@ class Budget:
             self._on_close()
             self._store.close()
 
+    async def leave(self) -> None:
+        """`release_user`, as the transport calls it (a shared database budget waits there
+        for its slots to go back).
+        """
+        self.release_user()
+
     def _take(self, priority: Priority) -> tuple[Permit | None, float]:
         now = self._clock.monotonic()
 

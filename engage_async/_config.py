@@ -6,16 +6,17 @@ import ipaddress
 import math
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Final, Literal
 from urllib.parse import SplitResult, urlsplit
 
 import attrs
 
-__all__ = ["EngageConfig"]
+__all__ = ["EngageConfig", "sqlite_path_of", "url_without_password"]
 
 KEY_ATTRIBUTES = ("email", "mobilePhone", "socialSecurityNumber", "externalId", "memberNumber")
 # "System/version", printable: a control character would corrupt the header.
@@ -88,6 +89,13 @@ def _number(attribute: attrs.Attribute[Any], value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ValueError(f"{attribute.name}: must be a finite number")
     return float(value)
+
+
+def _optional_positive(
+    _: Any, attribute: attrs.Attribute[float | None], value: float | None
+) -> None:
+    if value is not None and not _number(attribute, value) > 0:
+        raise ValueError(f"{attribute.name}: must be greater than 0, or None")
 
 
 def _boolean(_: Any, attribute: attrs.Attribute[bool], value: bool) -> None:
@@ -209,6 +217,73 @@ def _outbox_path(value: str | os.PathLike[str]) -> Path:
     return _path(value, "outbox_path")
 
 
+# --- the outbox's URL (engage_async/_outboxes.py opens it) -----------------------------------
+
+OUTBOX_SCHEMES: Final = ("sqlite", "postgresql", "postgres")
+# A schema name goes into SQL and into the NOTIFY channel ("<schema>_changes", at most 63
+# bytes), unquoted: lower-case letters, digits and underscores only.
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,47}")
+
+
+def url_without_password(url: str) -> str:
+    """`url` with the password (if any) replaced by ``***``, for reprs, logs and messages."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "<malformed URL>"
+    if not password:
+        return url
+    user, _, host = parts.netloc.rpartition("@")
+    name = user.partition(":")[0]
+    return parts._replace(netloc=f"{name}:***@{host}").geturl()
+
+
+def _outbox_url(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"outbox_url: must be a str, not {type(value).__name__}")
+    if not value.strip():
+        raise ValueError("outbox_url: must not be empty")
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError("outbox_url: must not contain whitespace or control characters")
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme.lower() not in OUTBOX_SCHEMES:
+        raise ValueError(
+            "outbox_url: must start with sqlite:/// (a file) or postgresql:// (a server)"
+        )
+    if scheme.lower() == "sqlite":
+        # sqlite:///relative/path, sqlite:////absolute/path (SQLAlchemy's spelling)
+        if not rest.startswith("/") or not rest[1:]:
+            raise ValueError("outbox_url: a SQLite URL is sqlite:///path/to/outbox.sqlite3")
+        return value
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - urlsplit checks the port only when it is read
+    except ValueError:
+        raise ValueError("outbox_url: not a valid postgresql:// URL (check the port)") from None
+    if not parts.path.strip("/"):
+        raise ValueError("outbox_url: name the database, e.g. postgresql://user@host:5432/engage")
+    return value
+
+
+def sqlite_path_of(url: str) -> Path | None:
+    """The file a ``sqlite:///`` URL names, or None for a PostgreSQL URL."""
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() != "sqlite":
+        return None
+    return _path(urllib.parse.unquote(rest[1:]), "outbox_url")
+
+
+def _outbox_schema(_: Any, attribute: attrs.Attribute[str], value: str) -> None:
+    if not isinstance(value, str) or not _SCHEMA_NAME.fullmatch(value):
+        raise ValueError(
+            f"{attribute.name}: must be 1 to 48 lower-case letters, digits or underscores, "
+            "not starting with a digit"
+        )
+
+
 def _xml_dir(value: str | os.PathLike[str]) -> Path:
     return _path(value, "xml_dir")
 
@@ -312,6 +387,18 @@ class EngageConfig:
     # Engage's largest answers (a bulk status listing failures of 4000 items, a page of 100
     # transactions with their lines) are a few MB at most; more is not an answer from Engage.
     max_answer_bytes: int = attrs.field(default=8 * 1024 * 1024, validator=_whole(64 * 1024))
+    # The outbox backend: None is the SQLite file at outbox_path; sqlite:///path names another
+    # file (outbox_path follows it); postgresql://user@host:port/db a shared server.
+    outbox_url: str | None = attrs.field(
+        default=None,
+        converter=_outbox_url,
+        repr=lambda url: repr(None if url is None else url_without_password(url)),
+    )
+    outbox_schema: str = attrs.field(default="engage_outbox", validator=_outbox_schema)
+    outbox_pool_size: int = attrs.field(default=10, validator=_whole(1, 100))
+    # How long a session waits for a PostgreSQL outbox; None: the share of the interactive
+    # deadline the session keeps for the outbox (a tenth, at least 0.2 s).
+    outbox_timeout: float | None = attrs.field(default=None, validator=_optional_positive)
     # Uploading XML files to Engage's SFTP server: off unless sftp_host is set.
     sftp_host: str | None = attrs.field(default=None, validator=_optional_name)
     sftp_port: int = attrs.field(default=22, validator=_whole(1, 65535))
@@ -322,6 +409,11 @@ class EngageConfig:
     sftp_dir: str = attrs.field(default=".", validator=_remote_dir)
 
     def __attrs_post_init__(self) -> None:
+        if self.outbox_url is not None:
+            path = sqlite_path_of(self.outbox_url)
+            if path is not None:
+                # One file, whichever field named it: budget and admin look at outbox_path.
+                object.__setattr__(self, "outbox_path", path)
         for low, high in (
             ("retry_initial_delay", "retry_max_delay"),
             ("batch_poll_initial", "batch_poll_max"),
@@ -341,6 +433,21 @@ class EngageConfig:
         for name in (*needed, "sftp_port", "sftp_dir"):
             if getattr(self, name) != _SFTP_UNSET[name]:
                 raise ValueError(f"sftp_host: must be set when {name} is set")
+
+    @property
+    def outbox_is_postgres(self) -> bool:
+        """Whether the outbox is a PostgreSQL server (else the SQLite file `outbox_path`)."""
+        return self.outbox_url is not None and sqlite_path_of(self.outbox_url) is None
+
+    @property
+    def outbox_location(self) -> str:
+        """The outbox as a URL, without its password: ``sqlite:////abs/path`` (from
+        `outbox_path` when `outbox_url` is not set) or ``postgresql://user:***@host/db``.
+        """
+        if self.outbox_is_postgres:
+            assert self.outbox_url is not None
+            return url_without_password(self.outbox_url)
+        return f"sqlite:///{self.outbox_path.resolve()}"
 
     @property
     def sftp_enabled(self) -> bool:
@@ -445,6 +552,10 @@ _ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "api_key": ("ENGAGE_API_KEY", _same),
     "user_agent": ("ENGAGE_USER_AGENT", _same),
     "outbox_path": ("ENGAGE_OUTBOX", _same),
+    "outbox_url": ("ENGAGE_OUTBOX_URL", _same),
+    "outbox_schema": ("ENGAGE_OUTBOX_SCHEMA", _same),
+    "outbox_pool_size": ("ENGAGE_OUTBOX_POOL_SIZE", _parse_int),
+    "outbox_timeout": ("ENGAGE_OUTBOX_TIMEOUT", _parse_number),
     "api_version": ("ENGAGE_API_VERSION", _parse_int),
     "rate_limit": ("ENGAGE_RATE_LIMIT", _parse_number),
     "interactive_deadline": ("ENGAGE_INTERACTIVE_DEADLINE", _parse_number),

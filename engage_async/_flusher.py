@@ -48,7 +48,7 @@ from ._flush_run import FlushRun, Stopped
 from ._lifecycle import Lifecycle
 from ._metrics import Metrics
 from ._models import FlushReport
-from ._outbox import SqliteOutbox
+from ._outboxes import open_outbox
 from ._reconciler import Reconciler
 from ._retry import background_delay
 from ._sender import Sender, affordable
@@ -153,13 +153,7 @@ class OutboxFlusher:
                 drain an empty outbox of its own while the app's changes wait).
         """
         self._lifecycle.opening()
-        self._store = await SqliteOutbox.open(
-            self.config.outbox_path,
-            busy_timeout=self.config.busy_timeout,
-            durability=self.config.durability,
-            clock=self._clock,
-            create=False,
-        )
+        self._store = await open_outbox(self.config, clock=self._clock, create=False)
         self._unsubscribe = self._store.subscribe(self._wake.set)
         try:
             if self.config.sftp_enabled:

@@ -582,6 +582,17 @@ class SqliteOutbox:
         result: list[Change] = await self._db.read(_rows.open_changes)
         return result
 
+    # --- moving to another outbox (`engage-async outbox migrate`) ----------------------------
+
+    async def mark_moved(self, location: str) -> None:
+        """Record that this outbox's changes now live at `location` (no password in it)."""
+        await self._write(lambda conn: _rows.mark_moved(conn, location))
+
+    async def moved_to(self) -> str | None:
+        """Where this outbox's changes were moved, if they were."""
+        result: str | None = await self._read(_rows.moved_to)
+        return result
+
     # --- XML files, planned before they are written ------------------------------------------
 
     async def plan_export(

@@ -114,12 +114,14 @@ def _when(moment: datetime, now: datetime, *, in_utc: bool) -> str:
 # --- JSON --------------------------------------------------------------------------------------
 
 
-def stats_json(stats: OutboxStats, outbox: Path) -> dict[str, Any]:
-    """The ``outbox stats --json`` object (the module docstring has the shape)."""
+def stats_json(stats: OutboxStats, outbox: Path | str) -> dict[str, Any]:
+    """The ``outbox stats --json`` object (the module docstring has the shape); `outbox` is
+    the SQLite file (shown resolved) or a PostgreSQL outbox's location without its password.
+    """
     age = stats.oldest_pending_age
     return {
         "schema": SCHEMA,
-        "outbox": str(outbox.resolve()),
+        "outbox": str(outbox.resolve()) if isinstance(outbox, Path) else outbox,
         "by_state": dict(stats.by_state),
         "oldest_pending_age_s": None if age is None else round(age, 3),
         "paused_until": rfc3339(stats.paused_until),

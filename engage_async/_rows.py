@@ -67,6 +67,8 @@ __all__ = [
     "learn_types",
     "leaving",
     "list_changes",
+    "mark_moved",
+    "moved_to",
     "next_batch_poll",
     "not_found_yet",
     "open_changes",
@@ -1055,6 +1057,23 @@ def discard(conn: sqlite3.Connection, change: Change, reason: str, now: float) -
         f"its create {change.change_id} was discarded",
         now,
     )
+
+
+def mark_moved(conn: sqlite3.Connection, location: str) -> None:
+    """The outbox's changes were moved to `location` (`engage-async outbox migrate`): from
+    now on sessions and flushers refuse this file.
+    """
+    conn.execute(
+        "INSERT INTO control (name, value) VALUES ('moved_to', ?) "
+        "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        (location,),
+    )
+
+
+def moved_to(conn: sqlite3.Connection) -> str | None:
+    """Where this outbox's changes were moved, if they were."""
+    row = conn.execute("SELECT value FROM control WHERE name = 'moved_to'").fetchone()
+    return None if row is None else str(row[0])
 
 
 def open_changes(conn: sqlite3.Connection) -> list[Change]:

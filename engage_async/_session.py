@@ -67,7 +67,7 @@ from ._keys import (
 from ._lifecycle import Lifecycle
 from ._metrics import Metrics
 from ._models import Contact, ContactOverview, Delivery, PointAccount, Promotion, Transaction
-from ._outbox import SqliteOutbox
+from ._outboxes import open_outbox
 from ._overview import read_overview
 from ._redact import scrub
 from ._retry import jittered_delays
@@ -177,12 +177,7 @@ class EngageSession:
             OutboxError: the outbox file cannot be used.
         """
         self._lifecycle.opening()
-        self._outbox = await SqliteOutbox.open(
-            self.config.outbox_path,
-            busy_timeout=self.config.busy_timeout,
-            durability=self.config.durability,
-            clock=self._clock,
-        )
+        self._outbox = await open_outbox(self.config, clock=self._clock)
         self._transport.open()
         self._lifecycle.opened()
 

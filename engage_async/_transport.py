@@ -18,6 +18,7 @@ import asyncio
 import errno
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 from yarl import URL
@@ -34,6 +35,9 @@ from ._errors import (
 )
 from ._http import Call, retry_after
 from ._metrics import NO_METRICS, Metrics
+
+if TYPE_CHECKING:
+    from ._pg_budget import PgBudget
 
 __all__ = ["Transport"]
 
@@ -60,7 +64,7 @@ class Transport:
         self._base = config.base_url
         self._priority = priority
         self._clock = clock
-        self._budget: Budget | None = None
+        self._budget: Budget | PgBudget | None = None
         self._shared_budget = shared_budget
         self._max_answer = config.max_answer_bytes
         self._key = config.api_key.encode()
@@ -82,6 +86,22 @@ class Transport:
         Raises:
             OutboxError: the budget file beside the outbox cannot be opened.
         """
+        if self._shared_budget and self._config.outbox_is_postgres:
+            # --- the PostgreSQL outbox: one budget for every host (engage_async/_pg_budget.py)
+            from ._pg_budget import PgBudget  # noqa: PLC0415 - needs the postgres extra
+
+            assert self._config.outbox_url is not None
+            self._budget = PgBudget.shared(
+                url=self._config.outbox_url,
+                schema=self._config.outbox_schema,
+                base_url=self._base,
+                api_key=self._config.api_key,
+                rate=self._config.rate_limit,
+                clock=self._clock,
+            )
+            if self._http is None:
+                self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+            return
         path = budget_path(self._config.outbox_path) if self._shared_budget else None
         try:
             self._budget = Budget.shared(
@@ -101,8 +121,8 @@ class Transport:
     async def close(self) -> None:
         """Leave the budget; close the aiohttp session if this transport made it."""
         if self._budget is not None:
-            self._budget.release_user()
-            self._budget = None
+            budget, self._budget = self._budget, None
+            await budget.leave()
         if self._owns_http and self._http is not None:
             await self._http.close()
 

@@ -23,9 +23,10 @@ import attrs
 
 from ._changes import Change, State
 from ._clock import SYSTEM_CLOCK, Clock
+from ._config import sqlite_path_of, url_without_password
 from ._errors import ChangeNotFound
 from ._keys import is_change_id
-from ._outbox import SqliteOutbox
+from ._outboxes import is_outbox_url, open_location
 from ._redact import mask
 from ._salvage import SalvageReport, salvage
 from ._store import OutboxStore
@@ -140,7 +141,9 @@ def _flag(value: object, name: str) -> bool:
 
 
 class OutboxAdmin:
-    """Inspect and manage the outbox at `outbox_path` (which must exist).
+    """Inspect and manage the outbox at `outbox_path` (which must exist): a SQLite file's
+    path, or an outbox URL (``sqlite:///path`` or ``postgresql://user@host:port/db``, whose
+    outbox is in `schema`).
 
     Every coroutine works on its own: ``await OutboxAdmin(path).stats()`` opens the outbox,
     answers and closes it again. Inside ``async with OutboxAdmin(path) as admin:`` one
@@ -157,8 +160,18 @@ class OutboxAdmin:
         *,
         busy_timeout: float = 10.0,
         clock: Clock = SYSTEM_CLOCK,
+        schema: str = "engage_outbox",
     ) -> None:
-        self.path = _path(outbox_path, "outbox_path")
+        given = _path(outbox_path, "outbox_path")
+        # A URL keeps its "//" (Path would fold it): kept as text, the path only for SQLite.
+        url = is_outbox_url(os.fspath(outbox_path))
+        self._location = os.fspath(outbox_path) if url else str(given)
+        file = sqlite_path_of(self._location) if url else given
+        #: The SQLite file, or None for a PostgreSQL outbox.
+        self.path: Path | None = file
+        if not isinstance(schema, str):
+            raise TypeError(f"schema: must be a str, not {type(schema).__name__}")
+        self._schema = schema
         if isinstance(busy_timeout, bool) or not isinstance(busy_timeout, int | float):
             raise TypeError(f"busy_timeout: must be a number, not {type(busy_timeout).__name__}")
         if not math.isfinite(busy_timeout) or busy_timeout < 0:
@@ -167,8 +180,13 @@ class OutboxAdmin:
         self._clock = clock
         self._store: OutboxStore | None = None
 
+    @property
+    def location(self) -> str:
+        """The outbox's path, or its URL without the password."""
+        return str(self.path) if self.path is not None else url_without_password(self._location)
+
     def __repr__(self) -> str:
-        return f"<OutboxAdmin {self.path}>"
+        return f"<OutboxAdmin {self.location}>"
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
         # Never raises and never touches the event loop: it may run at exit, or in any thread.
@@ -189,8 +207,11 @@ class OutboxAdmin:
         await self.close()
 
     async def _open(self) -> OutboxStore:
-        return await SqliteOutbox.open(
-            self.path, busy_timeout=self._busy_timeout, create=False, clock=self._clock
+        return await open_location(
+            self.path if self.path is not None else self._location,
+            schema=self._schema,
+            busy_timeout=self._busy_timeout,
+            clock=self._clock,
         )
 
     @contextlib.asynccontextmanager
@@ -259,7 +280,7 @@ class OutboxAdmin:
     async def _change(self, store: OutboxStore, change_id: str) -> Change:
         change = await store.get_change(change_id)
         if change is None:
-            raise ChangeNotFound(f"no change {change_id} in {self.path}")
+            raise ChangeNotFound(f"no change {change_id} in {self.location}")
         return change
 
     async def show(self, change_id: str, *, reveal: bool = False) -> OutboxEntry:
@@ -324,10 +345,13 @@ class OutboxAdmin:
             ValueError: `path` is the outbox (or its -wal or -shm file).
         """
         target = _path(path, "path")
-        outbox = self.path.resolve()
-        if target.resolve() in {outbox, *(Path(f"{outbox}{end}") for end in ("-wal", "-shm"))}:
-            # Only SQLite may open the outbox's files (docs/decisions.md), let alone truncate.
-            raise ValueError("path: is the outbox's own file; give another")
+        if self.path is not None:
+            outbox = self.path.resolve()
+            own = {outbox, *(Path(f"{outbox}{end}") for end in ("-wal", "-shm"))}
+            if target.resolve() in own:
+                # Only SQLite may open the outbox's files (docs/decisions.md), let alone
+                # truncate them.
+                raise ValueError("path: is the outbox's own file; give another")
         async with self._outbox() as store:
             changes = await store.open_changes()
         fd = os.open(target, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
@@ -354,4 +378,6 @@ class OutboxAdmin:
                 even its header can be read.
         """
         target = _path(new_path, "new_path")
+        if self.path is None:
+            raise ValueError("salvage copies a damaged SQLite outbox; this one is PostgreSQL")
         return await salvage(self.path, target, busy_timeout=self._busy_timeout)

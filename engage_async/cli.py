@@ -33,7 +33,9 @@ from ._config import EngageConfig
 from ._errors import ChangeNotFound, EngageAuthError, EngageConfigurationError, EngageError
 from ._flusher import OutboxFlusher
 from ._metrics import prometheus_endpoint
+from ._migrate import migrate_outbox
 from ._models import FlushReport
+from ._outboxes import is_outbox_url
 from ._xmlfiles import validate_file
 from .admin import OutboxAdmin, OutboxEntry
 
@@ -114,6 +116,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     flush.add_argument("--once", action="store_true", help="drain what is due, then exit")
     flush.add_argument("--outbox", help="outbox file (default: $ENGAGE_OUTBOX)")
+    flush.add_argument(
+        "--outbox-url",
+        help="outbox URL, sqlite:///path or postgresql://user@host:port/db (default: "
+        "$ENGAGE_OUTBOX_URL; the password from the URL, PGPASSWORD or ~/.pgpass)",
+    )
     flush.add_argument("--base-url", help="Engage base URL (default: $ENGAGE_BASE_URL)")
     flush.add_argument("--user-agent", help="System/version (default: $ENGAGE_USER_AGENT)")
     flush.add_argument("--fallback-mode", choices=("bulk", "xml"), help="bulk API or XML files")
@@ -140,7 +147,20 @@ def _parser() -> argparse.ArgumentParser:
         "--outbox",
         # SUPPRESS: given after the action it must not reset one given before it.
         default=argparse.SUPPRESS,
-        help=f"outbox file (default: $ENGAGE_OUTBOX or {_DEFAULT_OUTBOX})",
+        help="outbox file or URL "
+        f"(default: $ENGAGE_OUTBOX_URL, $ENGAGE_OUTBOX or {_DEFAULT_OUTBOX})",
+    )
+    # --- the PostgreSQL outbox ---
+    outbox_file.add_argument(
+        "--outbox-url",
+        default=argparse.SUPPRESS,
+        help="outbox URL: sqlite:///path or postgresql://user@host:port/db "
+        "(default: $ENGAGE_OUTBOX_URL)",
+    )
+    outbox_file.add_argument(
+        "--outbox-schema",
+        default=argparse.SUPPRESS,
+        help="the PostgreSQL outbox's schema (default: $ENGAGE_OUTBOX_SCHEMA or engage_outbox)",
     )
     outbox = commands.add_parser(
         "outbox", help="inspect and manage the outbox", parents=[outbox_file]
@@ -206,6 +226,21 @@ def _parser() -> argparse.ArgumentParser:
         parents=[outbox_file],
     )
     salvage.add_argument("new_path", metavar="NEW_PATH", help="the new outbox (must not exist)")
+    migrate = admin.add_parser(
+        "migrate",
+        help="move every open change, the refs and the identity map to another outbox",
+        description="Copy every change not yet done (with the identity map, the contact types "
+        "learned, and the pause) from this SQLite outbox into the outbox at --to (a "
+        "postgresql:// URL), once: a change already there is not copied again, so an "
+        "interrupted run is simply run again. The SQLite outbox is then marked as moved and "
+        "refuses new changes. Stop the flushers of the old outbox first.",
+        parents=[outbox_file],
+    )
+    migrate.add_argument("--to", required=True, metavar="URL", help="the outbox to move to")
+    migrate.add_argument(
+        "--to-schema",
+        help="the schema at --to (default: $ENGAGE_OUTBOX_SCHEMA or engage_outbox)",
+    )
     validate = admin.add_parser("validate-xml", help="check XML fallback files against the XSD")
     validate.add_argument("paths", nargs="+", metavar="FILE")
 
@@ -311,6 +346,7 @@ def _flush_config(args: argparse.Namespace) -> EngageConfig:
         name: value
         for name, value in (
             ("outbox_path", args.outbox),
+            ("outbox_url", args.outbox_url),
             ("base_url", args.base_url),
             ("user_agent", args.user_agent),
             ("fallback_mode", args.fallback_mode),
@@ -396,9 +432,25 @@ def _describe_report(report: FlushReport) -> str:
 # --- outbox admin ------------------------------------------------------------------------------
 
 
-def _outbox_path(args: argparse.Namespace) -> Path:
-    given = getattr(args, "outbox", None)
-    return Path(given or os.environ.get("ENGAGE_OUTBOX") or _DEFAULT_OUTBOX)
+def _outbox_path(args: argparse.Namespace) -> str | Path:
+    """The outbox the admin commands work on: a flag, else the environment (a URL first)."""
+    given = getattr(args, "outbox_url", None) or getattr(args, "outbox", None)
+    if given:
+        return str(given) if is_outbox_url(str(given)) else Path(given)
+    url = os.environ.get("ENGAGE_OUTBOX_URL")
+    return url or Path(os.environ.get("ENGAGE_OUTBOX") or _DEFAULT_OUTBOX)
+
+
+def _outbox_schema(args: argparse.Namespace) -> str:
+    return (
+        getattr(args, "outbox_schema", None)
+        or os.environ.get("ENGAGE_OUTBOX_SCHEMA")
+        or "engage_outbox"
+    )
+
+
+def _admin(args: argparse.Namespace) -> OutboxAdmin:
+    return OutboxAdmin(_outbox_path(args), schema=_outbox_schema(args), clock=_CLOCK)
 
 
 def _now() -> datetime:
@@ -408,15 +460,17 @@ def _now() -> datetime:
 async def _outbox(args: argparse.Namespace) -> int:
     if args.action == "validate-xml":
         return _validate_xml(args.paths)
-    path = _outbox_path(args)
     if args.action == "salvage":
         # Not inside `async with`: a damaged outbox cannot be opened, only read for salvage.
-        return await _salvage(OutboxAdmin(path, clock=_CLOCK), args.new_path)
-    async with OutboxAdmin(path, clock=_CLOCK) as admin:
+        return await _salvage(_admin(args), args.new_path)
+    if args.action == "migrate":
+        return await _migrate(args)
+    async with _admin(args) as admin:
         if args.action == "stats":
             stats = await admin.stats()
             if args.json:
-                print(_output.document(_output.stats_json(stats, path)))
+                where = admin.path if admin.path is not None else admin.location
+                print(_output.document(_output.stats_json(stats, where)))
             else:
                 print(_output.stats_text(stats, now=_now(), in_utc=args.utc))
         elif args.action == "list":
@@ -467,6 +521,14 @@ async def _salvage(admin: OutboxAdmin, new_path: str) -> int:
     for change_id in report.lost_change_ids:
         print(f"lost: {change_id}")
     return Exit.OK if report.complete else Exit.FAILED
+
+
+async def _migrate(args: argparse.Namespace) -> int:
+    source = _outbox_path(args)
+    schema = args.to_schema or os.environ.get("ENGAGE_OUTBOX_SCHEMA") or "engage_outbox"
+    report = await migrate_outbox(source, args.to, schema=schema)
+    print(report.describe())
+    return 0
 
 
 def _validate_xml(paths: Sequence[str]) -> int:

@@ -11,14 +11,14 @@ security fixes.
 from __future__ import annotations
 
 import types
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import aioresponses.core
 import pytest
 from aiohttp import ClientResponse
-from helpers import make_config
+from helpers import Backend, make_config, use_backend
 
 import engage_async as ea
 from engage_async.testing import FakeEngage
@@ -38,6 +38,32 @@ class _ShimResponse(ClientResponse):
 aioresponses.core.ClientResponse = _ShimResponse  # type: ignore[misc]
 
 pytest_plugins = ["servers"]  # real sshd and PostgreSQL fixtures: tests/servers.py
+
+
+@pytest.fixture(name="backend", autouse=True)
+def backend_fixture(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    """The outbox backend of this test: SQLite, unless the suite is parametrised over both
+    (``pytestmark = pytest.mark.parametrize("backend", BACKENDS, indirect=True)``), when
+    PostgreSQL runs too, each test in a schema of its own. `make_config` follows it.
+    """
+    kind = getattr(request, "param", "sqlite")
+    url = request.getfixturevalue("postgres").url if kind == "postgres" else None
+    yield use_backend(kind, url)
+    use_backend("sqlite")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``sqlite_only`` (file modes, locks, WAL, salvage) do not run on
+    PostgreSQL: they are deselected there, not skipped.
+    """
+    keep, drop = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_postgres = callspec is not None and callspec.params.get("backend") == "postgres"
+        (drop if on_postgres and item.get_closest_marker("sqlite_only") else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.fixture(name="fake")

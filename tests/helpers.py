@@ -7,21 +7,86 @@ Tests import from here (``from helpers import ...``), never from one another.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import math
+import os
+import re
 import sqlite3
 import sys
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import attrs
 
 import engage_async as ea
 from engage_async._outbox import SqliteOutbox
+from engage_async._outboxes import open_outbox
 from engage_async._retry import BACKGROUND_JITTER
 from engage_async.testing import FakeEngage, RecordedRequest
 
 USER_AGENT = "EngageAsyncTests/1.0"
+T = TypeVar("T")
+
+# The outbox backends the both-backend suites run against (tests/conftest.py's `backend`).
+BACKENDS = ("sqlite", "postgres")
+
+
+@attrs.define
+class Backend:
+    """The outbox backend of the running test: the SQLite file under the test's tmp_path, or
+    a schema of its own in the test PostgreSQL server.
+    """
+
+    kind: str = "sqlite"
+    url: str | None = None
+    schema: str | None = None
+
+    @property
+    def postgres(self) -> bool:
+        """Whether the test runs on PostgreSQL."""
+        return self.kind == "postgres"
+
+    def settings(self) -> dict[str, Any]:
+        """The config fields that point at this backend (none for SQLite: outbox_path)."""
+        if not self.postgres:
+            return {}
+        # A busy test machine may stall a statement past the outbox's share of a test's short
+        # interactive deadline; the tests of that share set outbox_timeout=None themselves.
+        return {"outbox_url": self.url, "outbox_schema": self.schema, "outbox_timeout": 5.0}
+
+    def env(self) -> dict[str, str]:
+        """The same, as ENGAGE_* variables for a subprocess."""
+        if not self.postgres:
+            return {}
+        assert self.url is not None
+        assert self.schema is not None
+        return {"ENGAGE_OUTBOX_URL": self.url, "ENGAGE_OUTBOX_SCHEMA": self.schema}
+
+
+# Set by the `backend` fixture for each test; SQLite unless a suite runs on both.
+BACKEND = Backend()
+
+
+def use_backend(kind: str, url: str | None = None) -> Backend:
+    """Make `kind` the backend of the test about to run (a fresh schema on PostgreSQL).
+
+    `BACKEND` is changed in place, so modules that imported it see the change.
+    """
+    BACKEND.kind, BACKEND.url = kind, url
+    BACKEND.schema = f"t_{uuid.uuid4().hex[:16]}" if kind == "postgres" else None
+    return BACKEND
+
+
+def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run `coroutine` to the end on an event loop of its own, in another thread (a test's
+    synchronous helper reading PostgreSQL while the test's own loop is busy waiting on it).
+    """
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
 
 CONTACTS = "/api/v3/contacts"
 BULK = "/api/v3/contacts/bulk"
@@ -49,16 +114,20 @@ def make_config(base_url: str, api_key: str, tmp_path: Path, **overrides: Any) -
         "retry_max_delay": 0.05,
         "rate_limit": 1000.0,
         "identity_ttl": 0.0,
+        **BACKEND.settings(),
     }
     values.update(overrides)
     return ea.EngageConfig(**values)
 
 
-async def create_outbox(path: Path) -> None:
-    """Create an empty outbox at `path`, as an app's first EngageSession does: a flusher opens
-    only an outbox that exists.
+async def create_outbox(where: Path | ea.EngageConfig) -> None:
+    """Create an empty outbox (a file at a path, or the one a config names), as an app's
+    first EngageSession does: a flusher opens only an outbox that exists.
     """
-    outbox = await SqliteOutbox.open(path)
+    if isinstance(where, ea.EngageConfig):
+        outbox = await open_outbox(where)
+    else:
+        outbox = await SqliteOutbox.open(where)
     await outbox.close()
 
 
@@ -90,35 +159,85 @@ def retry_wait(config: ea.EngageConfig) -> float:
 # --- reading and changing the outbox file -------------------------------------------------------
 
 
-def outbox_rows(path: Path) -> list[dict[str, Any]]:
-    """Every row of ``changes``, in seq order, read through a connection of the test's own."""
+def outbox_rows(where: Path | ea.EngageConfig, table: str = "changes") -> list[dict[str, Any]]:
+    """Every row of ``changes`` (or another table), in seq (or key) order, read through a
+    connection of the test's own: from the SQLite file at a path, or the outbox a config
+    names, on either backend.
+    """
+    order = "seq" if table == "changes" else "1"
+    if isinstance(where, ea.EngageConfig) and where.outbox_is_postgres:
+        assert where.outbox_url is not None
+        return run_sync(_pg_rows(where.outbox_url, f"{where.outbox_schema}.{table}", order))
+    path = where.outbox_path if isinstance(where, ea.EngageConfig) else where
     with contextlib.closing(sqlite3.connect(path)) as conn:
         conn.row_factory = sqlite3.Row
-        return [dict(row) for row in conn.execute("SELECT * FROM changes ORDER BY seq")]
+        return [dict(row) for row in conn.execute(f"SELECT * FROM {table} ORDER BY {order}")]
 
 
-def row_of(path: Path, change_id: str) -> dict[str, Any] | None:
-    """The row holding `change_id`, read through a connection of the test's own, or None."""
-    found = [row for row in outbox_rows(path) if row["change_id"] == change_id]
+async def _pg_rows(url: str, table: str, order: str) -> list[dict[str, Any]]:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        return [dict(row) for row in await conn.fetch(f"SELECT * FROM {table} ORDER BY {order}")]
+    finally:
+        await conn.close()
+
+
+_TABLE = re.compile(
+    r"\b(FROM|UPDATE|INTO|JOIN)\s+(changes|batches|identities|contact_types|control|flushers"
+    r"|xml_plans|budgets|moved_from|schema_migrations)\b",
+    re.IGNORECASE,
+)
+
+
+def outbox_sql(config: ea.EngageConfig, sql: str, *args: Any) -> list[dict[str, Any]]:
+    """Run SQLite-flavoured `sql` (``?`` parameters, bare table names) against the outbox
+    `config` names, on either backend, committed; the rows it returns. On PostgreSQL the
+    tables are found in the config's schema and ``?`` become ``$1``, ``$2``, ...
+    """
+    if config.outbox_is_postgres:
+        assert config.outbox_url is not None
+        counter = iter(range(1, len(args) + 1))
+        pg = _TABLE.sub(lambda m: f"{m[1]} {config.outbox_schema}.{m[2]}", sql)
+        pg = re.sub(r"\?", lambda _: f"${next(counter)}", pg)
+        return run_sync(_pg_sql(config.outbox_url, pg, args))
+    with contextlib.closing(sqlite3.connect(config.outbox_path, isolation_level=None)) as conn:
+        conn.row_factory = sqlite3.Row
+        return [dict(row) for row in conn.execute(sql, args).fetchall()]
+
+
+async def _pg_sql(url: str, sql: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        return [dict(row) for row in await conn.fetch(sql, *args)]
+    finally:
+        await conn.close()
+
+
+def row_of(where: Path | ea.EngageConfig, change_id: str) -> dict[str, Any] | None:
+    """The row holding `change_id`, read through a connection of the test's own, or None
+    (from a SQLite file, or the outbox a config names on either backend).
+    """
+    found = [row for row in outbox_rows(where) if row["change_id"] == change_id]
     return found[0] if found else None
 
 
 def query(config: ea.EngageConfig, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
-    """Rows of a read-only SQL query on the outbox file."""
-    with contextlib.closing(sqlite3.connect(config.outbox_path)) as conn:
-        conn.row_factory = sqlite3.Row
-        return [dict(row) for row in conn.execute(sql, tuple(params)).fetchall()]
+    """Rows of a read-only SQL query on the outbox (either backend; see `outbox_sql`)."""
+    return outbox_sql(config, sql, *params)
 
 
 def execute(config: ea.EngageConfig, sql: str, params: Iterable[Any] = ()) -> None:
     """Change the outbox behind the library's back (as a crashed flusher left it)."""
-    with contextlib.closing(sqlite3.connect(config.outbox_path)) as conn, conn:
-        conn.execute(sql, tuple(params))
+    outbox_sql(config, sql, *params)
 
 
 def changes(config: ea.EngageConfig) -> list[dict[str, Any]]:
     """Every row of the outbox's `changes` table, in seq order."""
-    return outbox_rows(config.outbox_path)
+    return outbox_rows(config)
 
 
 def by_change_id(config: ea.EngageConfig) -> dict[str, dict[str, Any]]:
@@ -353,3 +472,49 @@ async def stop_process(process: asyncio.subprocess.Process) -> None:
         with contextlib.suppress(ProcessLookupError):
             process.kill()
         await process.wait()
+
+
+# --- the engage-async flush sidecar (test_sidecar, test_metrics) ----------------------------
+
+# A fresh interpreter with aiohttp takes a while to start on a busy machine.
+PROCESS_TIMEOUT = 30.0
+
+
+def sidecar_env(fake: FakeEngage, config: ea.EngageConfig, **extra: str) -> dict[str, str]:
+    """The environment of a sidecar on `fake` and the outbox of `config`, tiny delays."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("ENGAGE_")}
+    env.update(
+        {
+            "ENGAGE_BASE_URL": fake.url,
+            "ENGAGE_API_KEY": fake.api_key,
+            "ENGAGE_USER_AGENT": "EngageSidecarTests/1.0",
+            "ENGAGE_OUTBOX": str(config.outbox_path),
+            "ENGAGE_XML_DIR": str(config.xml_dir),
+            "ENGAGE_BACKGROUND_DELAYS": "0.01",
+            "ENGAGE_BATCH_POLL_INITIAL": "0.01",
+            "ENGAGE_BATCH_POLL_MAX": "0.05",
+            "ENGAGE_POLL_INTERVAL": "0.05",
+            "ENGAGE_LEASE_SECONDS": "0.5",
+            "ENGAGE_RATE_LIMIT": "1000",
+            "ENGAGE_REQUEST_TIMEOUT": "5",
+            **BACKEND.env(),
+        }
+    )
+    env.update(extra)
+    return env
+
+
+async def start_flush(env: Mapping[str, str], log: Path, *args: str) -> asyncio.subprocess.Process:
+    """Start ``engage-async flush`` with `args`; its output goes to `log` (never a full pipe)."""
+    with log.open("ab") as output:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "engage_async.cli",
+            "flush",
+            *args,
+            env=dict(env),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=output,
+            stderr=output,
+        )

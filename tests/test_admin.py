@@ -1,4 +1,8 @@
-"""`OutboxAdmin`: stats, listings with personal data masked, requeue, discard and export."""
+"""`OutboxAdmin`: stats, listings with personal data masked, requeue, discard and export.
+
+Every test runs on both outbox backends (the admin given a path, or a URL and a schema),
+except those about files that are not there.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +15,16 @@ from typing import Any
 
 import attrs
 import pytest
-from helpers import FakeClock
+from helpers import BACKEND, BACKENDS, FakeClock
 
 import engage_async as ea
 from engage_async._changes import Change, NewChange, Operation
 from engage_async._keys import contact_key, new_ref
-from engage_async._outbox import SqliteOutbox as Outbox
+from engage_async._outboxes import open_location
+from engage_async._store import OutboxStore
 from engage_async.testing import FakeEngage
+
+pytestmark = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 
 GUID = "2e40b702-2767-4abe-ae99-aa510108e22b"
 OTHER_GUID = "b16fd8f3-d0f5-aaaa-aa60-b00300f9aaaa"
@@ -72,7 +79,7 @@ class Spool:
     put changes in each state.
     """
 
-    outbox: Outbox
+    outbox: OutboxStore
 
     async def add(self, change: NewChange) -> str:
         """Enqueue `change` as a row of its own; its change id."""
@@ -120,9 +127,18 @@ class Spool:
         await self.outbox.release("tests", others)
 
 
+def admin_of(where: Path | str, **options: Any) -> ea.OutboxAdmin:
+    """An OutboxAdmin on `where` (a path, or the test's PostgreSQL URL, with its schema)."""
+    if BACKEND.schema is not None:
+        options.setdefault("schema", BACKEND.schema)
+    return ea.OutboxAdmin(where, **options)
+
+
 @pytest.fixture(name="outbox_path")
-def outbox_path_fixture(tmp_path: Path) -> Path:
+def outbox_path_fixture(tmp_path: Path) -> Path | str:
     """Where the outbox under test lives."""
+    if BACKEND.url is not None:
+        return BACKEND.url
     return tmp_path / "outbox.sqlite3"
 
 
@@ -133,9 +149,11 @@ def clock_fixture() -> FakeClock:
 
 
 @pytest.fixture(name="spool")
-async def spool_fixture(outbox_path: Path, clock: FakeClock) -> AsyncIterator[Spool]:
+async def spool_fixture(outbox_path: Path | str, clock: FakeClock) -> AsyncIterator[Spool]:
     """An open outbox at `outbox_path` to put changes into."""
-    outbox = await Outbox.open(outbox_path, clock=clock)
+    outbox = await open_location(
+        outbox_path, schema=BACKEND.schema or "engage_outbox", clock=clock, create=True
+    )
     try:
         yield Spool(outbox)
     finally:
@@ -144,10 +162,10 @@ async def spool_fixture(outbox_path: Path, clock: FakeClock) -> AsyncIterator[Sp
 
 @pytest.fixture(name="admin")
 async def admin_fixture(
-    spool: Spool, outbox_path: Path, clock: FakeClock
+    spool: Spool, outbox_path: Path | str, clock: FakeClock
 ) -> AsyncIterator[ea.OutboxAdmin]:
     """An OutboxAdmin on the spool's outbox, on the spool's clock."""
-    async with ea.OutboxAdmin(outbox_path, clock=clock) as admin:
+    async with admin_of(outbox_path, clock=clock) as admin:
         yield admin
 
 
@@ -160,17 +178,19 @@ def everything_said(entry: ea.OutboxEntry) -> str:
 # --- opening ------------------------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only
 async def test_admin_on_a_missing_outbox_raises_and_creates_nothing(tmp_path: Path) -> None:
     """OutboxAdmin on a path with no outbox raises OutboxError and leaves no file behind."""
     path = tmp_path / "nothing.sqlite3"
 
     with pytest.raises(ea.OutboxError):
-        async with ea.OutboxAdmin(path) as admin:
+        async with admin_of(path) as admin:
             await admin.stats()
 
     assert [] == list(tmp_path.iterdir())
 
 
+@pytest.mark.sqlite_only
 async def test_admin_in_a_missing_directory_raises_and_creates_nothing(tmp_path: Path) -> None:
     """A missing directory is an OutboxError too, and is not created."""
     admin = ea.OutboxAdmin(tmp_path / "missing" / "outbox.sqlite3")
@@ -182,10 +202,10 @@ async def test_admin_in_a_missing_directory_raises_and_creates_nothing(tmp_path:
     assert [] == list(tmp_path.iterdir())
 
 
-async def test_admin_works_without_async_with(spool: Spool, outbox_path: Path) -> None:
+async def test_admin_works_without_async_with(spool: Spool, outbox_path: Path | str) -> None:
     """The coroutines open the outbox on first use; close() releases it and may be repeated."""
     await spool.add(create("anna@example.com"))
-    admin = ea.OutboxAdmin(str(outbox_path))
+    admin = admin_of(str(outbox_path))
 
     try:
         assert 1 == (await admin.stats()).by_state["pending"]
@@ -434,7 +454,9 @@ async def test_list_combines_key_state_and_limit(spool: Spool, admin: ea.OutboxA
 
 
 @pytest.fixture(name="queued_person")
-async def queued_person_fixture(fake: FakeEngage, config: ea.EngageConfig) -> tuple[Path, str, str]:
+async def queued_person_fixture(
+    fake: FakeEngage, config: ea.EngageConfig
+) -> tuple[Path | str, str, str]:
     """A create of PERSON with preferences and a consent, queued by a real session while
     Engage was down: (outbox path, change id, ref).
     """
@@ -449,16 +471,18 @@ async def queued_person_fixture(fake: FakeEngage, config: ea.EngageConfig) -> tu
     assert delivery.queued
     assert delivery.change_id is not None
     assert delivery.ref is not None
-    return config.outbox_path, delivery.change_id, delivery.ref
+    return config.outbox_url or config.outbox_path, delivery.change_id, delivery.ref
 
 
 @pytest.mark.parametrize("how", ["list", "show"])
-async def test_personal_data_is_masked(queued_person: tuple[Path, str, str], how: str) -> None:
+async def test_personal_data_is_masked(
+    queued_person: tuple[Path | str, str, str], how: str
+) -> None:
     """list and show mask emails, phones, personal numbers, names and street everywhere:
     in the entry's repr and str and in its body.
     """
     path, change_id, _ = queued_person
-    async with ea.OutboxAdmin(path) as admin:
+    async with admin_of(path) as admin:
         entry = (await admin.list())[0] if how == "list" else await admin.show(change_id)
 
     said = everything_said(entry)
@@ -473,11 +497,11 @@ async def test_personal_data_is_masked(queued_person: tuple[Path, str, str], how
 
 @pytest.mark.parametrize("how", ["list", "show"])
 async def test_masking_keeps_what_is_not_personal(
-    queued_person: tuple[Path, str, str], how: str
+    queued_person: tuple[Path | str, str, str], how: str
 ) -> None:
     """Masking leaves the change readable: ids, refs, booleans and consent ids stay."""
     path, change_id, ref = queued_person
-    async with ea.OutboxAdmin(path) as admin:
+    async with admin_of(path) as admin:
         entry = (await admin.list())[0] if how == "list" else await admin.show(change_id)
 
     assert change_id == entry.change_id
@@ -489,10 +513,12 @@ async def test_masking_keeps_what_is_not_personal(
 
 
 @pytest.mark.parametrize("how", ["list", "show"])
-async def test_reveal_shows_personal_data(queued_person: tuple[Path, str, str], how: str) -> None:
+async def test_reveal_shows_personal_data(
+    queued_person: tuple[Path | str, str, str], how: str
+) -> None:
     """With reveal=True the plain values are there."""
     path, change_id, _ = queued_person
-    async with ea.OutboxAdmin(path) as admin:
+    async with admin_of(path) as admin:
         if how == "list":
             entry = (await admin.list(reveal=True))[0]
         else:
@@ -798,12 +824,12 @@ async def test_export_writes_every_change_not_done(
 
 
 async def test_export_keeps_personal_data(
-    queued_person: tuple[Path, str, str], tmp_path: Path
+    queued_person: tuple[Path | str, str, str], tmp_path: Path
 ) -> None:
     """The export is for re-entering changes elsewhere: bodies and keys are in plain."""
     path, change_id, _ = queued_person
     target = tmp_path / "export.jsonl"
-    async with ea.OutboxAdmin(path) as admin:
+    async with admin_of(path) as admin:
         assert 1 == await admin.export(target)
 
     (record,) = read_lines(target)

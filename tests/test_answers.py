@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_flusher import changes, flusher_config, query
+from helpers import changes, flusher_config, query
 
 import engage_async as ea
 from engage_async import _http

@@ -2,7 +2,8 @@
 
 Commands run in-process through `engage_async.cli.main`, in a worker thread when a FakeEngage
 in the test's event loop must keep serving meanwhile, and as real subprocesses of the console
-script where the process itself matters (signals, logging to stderr).
+script where the process itself matters (signals, logging to stderr). The outbox commands
+and the flusher run on both outbox backends.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from pathlib import Path
 import aiohttp
 import attrs
 import pytest
-from helpers import USER_AGENT, FakeClock, make_config
+from helpers import BACKEND, BACKENDS, USER_AGENT, Backend, FakeClock, make_config
 
 import engage_async as ea
 from engage_async import cli as cli_module
-from engage_async._outbox import SqliteOutbox
+from engage_async._config import url_without_password
+from engage_async._outboxes import open_location, open_outbox
 from engage_async._xmlfiles import build_contact, write_file
 from engage_async.cli import Exit, main
 from engage_async.testing import FakeEngage
@@ -46,6 +48,20 @@ PERSON = {
 UNKNOWN = "chg_feedfacefeedfacefeedfacefeedface"
 # Generous limits so a broken command fails the test instead of hanging it; never asserted.
 PATIENCE = 60.0
+
+pytestmark = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+
+
+@pytest.fixture(name="outbox_schema", autouse=True)
+def outbox_schema_fixture(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The admin commands find this test's PostgreSQL outbox in its schema."""
+    if backend.schema is not None:
+        monkeypatch.setenv("ENGAGE_OUTBOX_SCHEMA", backend.schema)
+
+
+def where(config: ea.EngageConfig) -> Path | str:
+    """What --outbox names for this test's outbox: its file, or its PostgreSQL URL."""
+    return config.outbox_url or config.outbox_path
 
 
 async def cli(*argv: str | os.PathLike[str]) -> int:
@@ -69,10 +85,14 @@ def state_counts(stdout: str) -> dict[str, int]:
 
 
 def clear_engage_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Remove every ENGAGE_* variable, so only what the test sets counts."""
+    """Remove every ENGAGE_* variable, so only what the test sets counts (and the schema of
+    this test's PostgreSQL outbox, which the admin commands take from the environment).
+    """
     for name in list(os.environ):
         if name.startswith("ENGAGE_"):
             monkeypatch.delenv(name)
+    if BACKEND.schema is not None:
+        monkeypatch.setenv("ENGAGE_OUTBOX_SCHEMA", BACKEND.schema)
 
 
 def engage_environment(
@@ -84,6 +104,8 @@ def engage_environment(
     monkeypatch.setenv("ENGAGE_API_KEY", api_key or config.api_key)
     monkeypatch.setenv("ENGAGE_USER_AGENT", USER_AGENT)
     monkeypatch.setenv("ENGAGE_OUTBOX", str(config.outbox_path))
+    for name, value in BACKEND.env().items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("ENGAGE_XML_DIR", str(config.xml_dir))
     monkeypatch.setenv("ENGAGE_RATE_LIMIT", "1000")
 
@@ -115,6 +137,7 @@ def free_port() -> int:
 # --- help and version ----------------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only  # not about the outbox's backend
 @pytest.mark.parametrize(
     "command",
     [
@@ -159,6 +182,7 @@ def test_the_exit_table() -> None:
     assert set(Exit) == set(cli_module.EXIT_MEANINGS)
 
 
+@pytest.mark.sqlite_only  # not about the outbox's backend
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     """--version prints the package version and exits 0."""
     with pytest.raises(SystemExit) as info:
@@ -168,6 +192,7 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert f"engage-async {ea.__version__}" == capsys.readouterr().out.strip()
 
 
+@pytest.mark.sqlite_only  # not about the outbox's backend
 def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     """Without a command, the usage goes to stderr and the exit status is 2."""
     with pytest.raises(SystemExit) as info:
@@ -180,6 +205,7 @@ def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None
 # --- demo ------------------------------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only  # not about the outbox's backend
 def test_demo_quiet_prints_the_ok_line(capsys: pytest.CaptureFixture[str]) -> None:
     """`demo --quiet` runs the whole story against its own FakeEngage, prints only the
     verdict, and exits 0.
@@ -192,6 +218,7 @@ def test_demo_quiet_prints_the_ok_line(capsys: pytest.CaptureFixture[str]) -> No
     assert lines[0].startswith("demo: OK")
 
 
+@pytest.mark.sqlite_only  # not about the outbox's backend
 def test_demo_tells_the_story_without_plain_emails(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -216,7 +243,7 @@ def test_demo_tells_the_story_without_plain_emails(
 class Rows:
     """An outbox a real session filled while Engage was down, with a dead create in it."""
 
-    path: Path
+    path: Path | str
     queued: str
     ref: str
     dead: str
@@ -240,7 +267,7 @@ async def rows_fixture(fake: FakeEngage, config: ea.EngageConfig) -> Rows:
     changes = [change_id for change_id in ids if change_id is not None]
     assert queued.ref is not None
     assert 4 == len(changes)
-    outbox = await SqliteOutbox.open(config.outbox_path)
+    outbox = await open_outbox(config)
     try:
         seq = {change_id: (await outbox.get_change(change_id)).seq for change_id in changes}  # type: ignore[union-attr]
         await outbox.bury({seq[changes[1]]: ("ValidationError", "422 ValidationError: email")})
@@ -248,7 +275,7 @@ async def rows_fixture(fake: FakeEngage, config: ea.EngageConfig) -> Rows:
     finally:
         await outbox.close()
     return Rows(
-        config.outbox_path,
+        where(config),
         queued=changes[0],
         ref=queued.ref,
         dead=changes[1],
@@ -257,9 +284,9 @@ async def rows_fixture(fake: FakeEngage, config: ea.EngageConfig) -> Rows:
     )
 
 
-async def stats_of(path: Path) -> dict[str, int]:
+async def stats_of(path: Path | str) -> dict[str, int]:
     """The outbox's counts per state, through the admin."""
-    async with ea.OutboxAdmin(path) as admin:
+    async with ea.OutboxAdmin(path, schema=BACKEND.schema or "engage_outbox") as admin:
         return dict((await admin.stats()).by_state)
 
 
@@ -284,7 +311,8 @@ async def test_outbox_stats_reads_engage_outbox(
 ) -> None:
     """Without --outbox, the admin commands use $ENGAGE_OUTBOX."""
     clear_engage_environment(monkeypatch)
-    monkeypatch.setenv("ENGAGE_OUTBOX", str(rows.path))
+    variable = "ENGAGE_OUTBOX_URL" if BACKEND.postgres else "ENGAGE_OUTBOX"
+    monkeypatch.setenv(variable, str(rows.path))
 
     code = await cli("outbox", "stats")
 
@@ -296,7 +324,9 @@ async def test_outbox_stats_shows_a_pause(rows: Rows, capsys: pytest.CaptureFixt
     """A flushers' pause in force is printed with its end (UTC, with --utc) and reason."""
     clock = FakeClock(wall=time.time())
     until = clock.wall() + 3600
-    outbox = await SqliteOutbox.open(rows.path, clock=clock)
+    outbox = await open_location(
+        rows.path, schema=BACKEND.schema or "engage_outbox", clock=clock, create=False
+    )
     try:
         await outbox.set_pause(delay=3600, reason="EngageUnavailable: outage", outages=3)
     finally:
@@ -309,6 +339,7 @@ async def test_outbox_stats_shows_a_pause(rows: Rows, capsys: pytest.CaptureFixt
     assert f"{expected}: EngageUnavailable: outage" in capsys.readouterr().out.splitlines()
 
 
+@pytest.mark.sqlite_only  # not about the outbox's backend
 async def test_outbox_stats_without_an_outbox(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -484,6 +515,7 @@ async def test_outbox_discard(rows: Rows, capsys: pytest.CaptureFixture[str]) ->
     assert 3 == (await stats_of(rows.path))["dead"]
 
 
+@pytest.mark.sqlite_only  # not about the outbox's backend
 def test_outbox_discard_needs_a_reason(capsys: pytest.CaptureFixture[str]) -> None:
     """`outbox discard ID` without --reason is a usage error (exit 2)."""
     with pytest.raises(SystemExit) as info:
@@ -513,6 +545,7 @@ async def test_outbox_export(
     assert 0o600 == stat.S_IMODE(target.stat().st_mode)
 
 
+@pytest.mark.sqlite_only  # not about the outbox's backend
 async def test_outbox_validate_xml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`outbox validate-xml` exits 0 for a valid file, 1 when any file is invalid, and says
     which is which.
@@ -539,6 +572,7 @@ async def test_outbox_validate_xml(tmp_path: Path, capsys: pytest.CaptureFixture
     assert f"{invalid}: INVALID" in both_out.splitlines()
 
 
+@pytest.mark.sqlite_only  # not about the outbox's backend
 def test_outbox_validate_xml_needs_no_outbox(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -584,9 +618,10 @@ ENTRY_KEYS = (
 RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
-async def created_at(path: Path, change_id: str) -> datetime:
+async def created_at(path: Path | str, change_id: str) -> datetime:
     """When the outbox accepted `change_id`."""
-    return (await ea.OutboxAdmin(path).show(change_id)).created_at
+    admin = ea.OutboxAdmin(path, schema=BACKEND.schema or "engage_outbox")
+    return (await admin.show(change_id)).created_at
 
 
 async def test_outbox_stats_json(rows: Rows, capsys: pytest.CaptureFixture[str]) -> None:
@@ -601,7 +636,9 @@ async def test_outbox_stats_json(rows: Rows, capsys: pytest.CaptureFixture[str])
     for key, kind in STATS_KEYS.items():
         assert isinstance(record[key], kind), key
     assert 1 == record["schema"]
-    assert str(rows.path.resolve()) == record["outbox"]
+    where = rows.path
+    expected = str(where.resolve()) if isinstance(where, Path) else url_without_password(where)
+    assert expected == record["outbox"]
     assert {"pending": 1, "inflight": 0, "waiting_guid": 0, "done": 1, "dead": 2} == (
         record["by_state"]
     )
@@ -614,7 +651,9 @@ async def test_outbox_stats_json_with_a_pause(
     """A pause in force is in the JSON as its end (RFC 3339, UTC) and its reason."""
     clock = FakeClock(wall=time.time())
     until = datetime.fromtimestamp(clock.wall() + 3600, UTC)
-    outbox = await SqliteOutbox.open(rows.path, clock=clock)
+    outbox = await open_location(
+        rows.path, schema=BACKEND.schema or "engage_outbox", clock=clock, create=False
+    )
     try:
         await outbox.set_pause(delay=3600, reason="EngageUnavailable: outage", outages=3)
     finally:
@@ -635,7 +674,9 @@ async def test_outbox_stats_relative_pause(
 ) -> None:
     """Without --utc the pause reads as the time it has left, from the command's clock."""
     clock = FakeClock(wall=time.time())
-    outbox = await SqliteOutbox.open(rows.path, clock=clock)
+    outbox = await open_location(
+        rows.path, schema=BACKEND.schema or "engage_outbox", clock=clock, create=False
+    )
     try:
         await outbox.set_pause(delay=3600, reason="EngageUnavailable: outage", outages=3)
     finally:
@@ -901,7 +942,7 @@ async def test_flush_once_drains_the_outbox(
     assert (2, 2, 0, 0) == (report["sent"], report["created"], report["dead"], report["pending"])
     assert 1 == len(fake.find("email", "anna@example.com"))
     assert 1 == len(fake.find("email", "bo@example.com"))
-    assert 2 == (await stats_of(config.outbox_path))["done"]
+    assert 2 == (await stats_of(where(config)))["done"]
 
 
 async def test_flush_once_flags_override_the_environment(
@@ -910,21 +951,26 @@ async def test_flush_once_flags_override_the_environment(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """--outbox and --base-url win over ENGAGE_OUTBOX and ENGAGE_BASE_URL."""
+    """--outbox (--outbox-url) and --base-url win over ENGAGE_OUTBOX (ENGAGE_OUTBOX_URL) and
+    ENGAGE_BASE_URL.
+    """
     await queue_two_creates(fake, config)
     engage_environment(monkeypatch, config)
     monkeypatch.setenv("ENGAGE_OUTBOX", str(config.outbox_path.with_name("elsewhere.sqlite3")))
     monkeypatch.setenv("ENGAGE_BASE_URL", "https://tenant.example.invalid")
+    flag: tuple[str, str | Path] = ("--outbox", config.outbox_path)
+    if config.outbox_url is not None:
+        monkeypatch.setenv("ENGAGE_OUTBOX_URL", "postgresql://nobody@127.0.0.1:9/elsewhere")
+        flag = ("--outbox-url", config.outbox_url)
 
-    code = await cli(
-        "flush", "--once", "--no-progress", "--outbox", config.outbox_path, "--base-url", fake.url
-    )
+    code = await cli("flush", "--once", "--no-progress", *flag, "--base-url", fake.url)
 
     assert 0 == code
     assert 0 == counts(capsys.readouterr().out)["pending"]
     assert not config.outbox_path.with_name("elsewhere.sqlite3").exists()
 
 
+@pytest.mark.sqlite_only  # not about the outbox's backend
 def test_flush_without_api_key(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1017,6 +1063,7 @@ async def test_flush_subprocess_never_prints_the_api_key(
         "ENGAGE_USER_AGENT": USER_AGENT,
         "ENGAGE_OUTBOX": str(config.outbox_path),
         "ENGAGE_RATE_LIMIT": "1000",
+        **BACKEND.env(),
     }
     process = await asyncio.create_subprocess_exec(
         SCRIPT,
@@ -1087,6 +1134,7 @@ async def start_simulator(*arguments: str) -> tuple[asyncio.subprocess.Process, 
     return process, match[1], match[2]
 
 
+@pytest.mark.sqlite_only  # not about the outbox's backend
 async def test_simulate_serves_fake_engage() -> None:
     """`simulate --port N` serves FakeEngage on that port with the printed key, and exits 0
     on SIGTERM.
@@ -1108,6 +1156,7 @@ async def test_simulate_serves_fake_engage() -> None:
     assert b"Ctrl+C" in out
 
 
+@pytest.mark.sqlite_only  # not about the outbox's backend
 async def test_simulate_takes_the_api_key_flag() -> None:
     """`simulate --api-key K` accepts K (and prints it: it is the simulator's, not Engage's)."""
     process, url, key = await start_simulator("--port", "0", "--api-key", "my-test-key")

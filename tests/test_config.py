@@ -496,6 +496,22 @@ WRONG: dict[str, list[object]] = {
     "sftp_dir": [None, 42, True, "", "a\x00b"],
     "avoid_triggering_export": [None, 0, 1, "true", "yes", [True]],
     "assume_default_contact_type": [None, 0, 1, "true", [True]],
+    # The outbox backend (None is its default: the file at outbox_path).
+    "outbox_url": [
+        42,
+        True,
+        b"sqlite:///x",
+        "",
+        "outbox.sqlite3",
+        "mysql://host/db",
+        "sqlite://relative",
+        "postgresql://host:99999/db",
+        "postgresql://host/",
+        "postgresql://host/db\n",
+    ],
+    "outbox_schema": [None, 42, "", "Engage", "1st", "my-outbox", "a" * 49, "s.t"],
+    "outbox_pool_size": [*BAD_INTS, 0, 101],
+    "outbox_timeout": [0, -1.0, math.nan, math.inf, "1", True, [1.0]],
 }
 
 

@@ -3,12 +3,11 @@
 A subprocess (tests/scripts/queue_until_killed.py) queues changes against an Engage that
 refuses connections and prints each change_id only once its call returned ``queued=True``.
 The parent reads some of those lines, SIGKILLs the child in mid-stream, and then checks that
-every printed change_id is in the outbox file.
+every printed change_id is in the outbox, on either backend.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -20,8 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import BACKEND, BACKENDS, make_config, outbox_rows
 
 from engage_async._outbox import SqliteOutbox as Outbox
+
+pytestmark = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 
 SCRIPT = Path(__file__).parent / "scripts" / "queue_until_killed.py"
 # How long the child may take to print what we wait for before the test gives up on it.
@@ -40,6 +42,7 @@ def queue_and_kill(outbox: Path, url: str, lines: int, durability: str = "full")
     """Run the queueing child until it printed `lines` change_ids, SIGKILL it, return them."""
     child = subprocess.Popen(
         [sys.executable, str(SCRIPT), str(outbox), url, durability],
+        env={**os.environ, **BACKEND.env()},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -65,9 +68,11 @@ def queue_and_kill(outbox: Path, url: str, lines: int, durability: str = "full")
 
 
 def change_ids(path: Path) -> set[str]:
-    """Every change_id in the outbox, read as a new process would after the crash."""
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        return {row[0] for row in conn.execute("SELECT change_id FROM changes")}
+    """Every change_id in the outbox (the file at `path`, or the test's PostgreSQL schema),
+    read as a new process would after the crash.
+    """
+    config = make_config("http://127.0.0.1:9", "key", path.parent, outbox_path=path)
+    return {row["change_id"] for row in outbox_rows(config)}
 
 
 @pytest.mark.slow
@@ -82,6 +87,7 @@ def test_every_printed_change_survives_kill(tmp_path: Path, refused_url: str, li
 
 
 @pytest.mark.slow
+@pytest.mark.sqlite_only
 def test_normal_durability_survives_a_process_kill(tmp_path: Path, refused_url: str) -> None:
     """synchronous=NORMAL trades power-loss safety only: a killed process loses nothing."""
     outbox = tmp_path / "outbox.sqlite3"
@@ -104,6 +110,7 @@ def test_kills_one_after_another_lose_nothing(tmp_path: Path, refused_url: str) 
 
 
 @pytest.mark.slow
+@pytest.mark.sqlite_only
 async def test_outbox_opens_cleanly_after_a_kill(tmp_path: Path, refused_url: str) -> None:
     """After a kill the file passes SQLite's integrity check and the outbox reopens on it,
     with the killed process's rows pending.

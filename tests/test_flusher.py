@@ -3,7 +3,7 @@ GUID reconciliation, dead letters, and a flusher running inside an app.
 
 Changes are queued the way an application queues them (an `EngageSession` while the fake is
 down) and the outbox is inspected with plain SQL, so these tests pin what lands on disk as
-well as what Engage ends up holding.
+well as what Engage ends up holding. Every test runs on both outbox backends.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    BACKENDS,
     BULK,
     CONTACTS,
     FLUSHER_JUMP_LIMIT,
@@ -37,6 +38,8 @@ from helpers import (
 
 import engage_async as ea
 from engage_async.testing import FakeEngage
+
+pytestmark = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 
 
 @pytest.fixture(name="clock")
@@ -339,6 +342,7 @@ async def test_a_pending_batch_stays_in_flight_and_is_polled_at_growing_interval
     each later poll schedules the next one `batch_poll_initial * 2**polls` later (capped at
     `batch_poll_max`); once Engage finishes the batch, a flush settles it.
     """
+    # The first poll comes late enough that no flusher step, even on PostgreSQL, reaches it.
     config = flusher_config(
         fake, tmp_path, bulk_threshold=2, batch_poll_initial=2.0, batch_poll_max=10.0
     )
@@ -673,7 +677,7 @@ async def test_a_flusher_is_used_only_while_open(
     be opened again; closing twice is harmless.
     """
     config = flusher_config(fake, tmp_path)
-    await create_outbox(config.outbox_path)
+    await create_outbox(config)
     flusher = ea.OutboxFlusher(config, clock=clock)
     with pytest.raises(RuntimeError, match="not open"):
         await flusher.flush_once()

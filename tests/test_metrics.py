@@ -18,11 +18,16 @@ from typing import Any
 
 import aiohttp
 import pytest
-from helpers import FakeClock
+from helpers import (
+    PROCESS_TIMEOUT,
+    FakeClock,
+    flusher_config,
+    one_id,
+    sidecar_env,
+    start_flush,
+)
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, Metric
-from test_flusher import flusher_config, one_id
-from test_sidecar import PROCESS_TIMEOUT, sidecar_env, start
 
 import engage_async as ea
 from engage_async import _http, _metrics, cli
@@ -515,7 +520,7 @@ async def test_flush_serves_its_metrics_for_prometheus(fake: FakeEngage, tmp_pat
         await engage.create_contact({"email": "scraped@example.com"})
         await fake.come_up()
     log = tmp_path / "sidecar.log"
-    process = await start(
+    process = await start_flush(
         sidecar_env(fake, config), log, "--metrics-port", "0", "--metrics-host", "127.0.0.1"
     )
     try:

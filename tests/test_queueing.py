@@ -1,8 +1,10 @@
 """When the session queues a write, and that a queued write really is on disk.
 
 Engage misbehaves through FakeEngage's faults; the outbox is always read back through a fresh
-sqlite3 connection, so "on disk" means committed where another process can see it, not held in
-the session's memory. The session answering normally is tested elsewhere.
+connection of the test's own (sqlite3, or asyncpg for PostgreSQL), so "on disk" means
+committed where another process can see it, not held in the session's memory. The session
+answering normally is tested elsewhere. Every test runs on both outbox backends, except those
+about the SQLite file itself.
 """
 
 from __future__ import annotations
@@ -19,7 +21,16 @@ from typing import Any
 
 import aiohttp
 import pytest
-from helpers import CONTACTS, LOOKUP, FakeClock, make_config, new_guid, outbox_rows, row_of
+from helpers import (
+    BACKENDS,
+    CONTACTS,
+    LOOKUP,
+    FakeClock,
+    make_config,
+    new_guid,
+    outbox_rows,
+    row_of,
+)
 
 import engage_async as ea
 from engage_async._clock import SYSTEM_CLOCK
@@ -32,6 +43,9 @@ HOLDING_FAULTS = {"hang", "slow"}
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
+
+pytestmark = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 
 
 def paths(fake: FakeEngage) -> list[tuple[str, str]]:
@@ -89,7 +103,7 @@ async def test_update_queued_when_engage_is_down(
 
     assert (True, guid) == (delivery.queued, delivery.contact_id)
     assert delivery.change_id is not None
-    row = row_of(config.outbox_path, delivery.change_id)
+    row = row_of(config, delivery.change_id)
     assert row is not None
     assert ("update", "pending", guid, f"id:{guid}", '{"firstName":"Ann"}') == (
         row["operation"],
@@ -130,7 +144,7 @@ async def test_update_queued_on_fault(
 
     assert (True, known) == (delivery.queued, delivery.contact_id)
     assert delivery.change_id is not None
-    row = row_of(config.outbox_path, delivery.change_id)
+    row = row_of(config, delivery.change_id)
     assert row is not None
     assert ("update", "pending", '{"firstName":"Changed"}') == (
         row["operation"],
@@ -163,7 +177,7 @@ async def test_rate_limited_with_retry_after_beyond_the_deadline_queues_at_once(
 
     assert (True, 1) == (delivery.queued, len(fake.requests_to("PATCH", ONE_CONTACT)))
     assert delivery.change_id is not None
-    assert row_of(config.outbox_path, delivery.change_id) is not None
+    assert row_of(config, delivery.change_id) is not None
 
 
 async def test_contact_type_change_queued_when_down(
@@ -176,7 +190,7 @@ async def test_contact_type_change_queued_when_down(
 
     assert delivery.queued
     assert delivery.change_id is not None
-    row = row_of(config.outbox_path, delivery.change_id)
+    row = row_of(config, delivery.change_id)
     assert row is not None
     assert ("contact_type", "Contact", guid) == (
         row["operation"],
@@ -195,7 +209,7 @@ async def test_promote_to_member_queued_on_server_error(
 
     assert delivery.queued
     assert delivery.change_id is not None
-    row = row_of(config.outbox_path, delivery.change_id)
+    row = row_of(config, delivery.change_id)
     assert row is not None
     assert ("contact_type", "Member") == (row["operation"], row["contact_type"])
 
@@ -226,7 +240,7 @@ async def test_caller_errors_are_raised_not_queued(
     with pytest.raises(error):
         await session.update_contact(known, {"firstName": "Changed"})
 
-    assert [] == outbox_rows(config.outbox_path)
+    assert [] == outbox_rows(config)
 
 
 @pytest.mark.parametrize(
@@ -245,7 +259,7 @@ async def test_rejected_create_is_raised_not_queued(
     with pytest.raises(error):
         await session.create_contact({"email": "new@example.com"})
 
-    assert [] == outbox_rows(config.outbox_path)
+    assert [] == outbox_rows(config)
 
 
 async def test_update_of_unknown_contact_raises_not_found(
@@ -255,7 +269,7 @@ async def test_update_of_unknown_contact_raises_not_found(
     with pytest.raises(ea.ContactNotFound):
         await session.update_contact(new_guid(), {"firstName": "Nobody"})
 
-    assert [] == outbox_rows(config.outbox_path)
+    assert [] == outbox_rows(config)
 
 
 # --- creates -------------------------------------------------------------------------------------
@@ -272,7 +286,7 @@ async def test_create_queued_when_down_is_not_looked_up_first(
     assert (True, None) == (delivery.queued, delivery.contact_id)
     assert delivery.change_id is not None
     assert delivery.ref is not None
-    row = row_of(config.outbox_path, delivery.change_id)
+    row = row_of(config, delivery.change_id)
     assert row is not None
     assert ("create", delivery.ref, f"ref:{delivery.ref}", "Member", "email", 0) == (
         row["operation"],
@@ -295,7 +309,7 @@ async def test_create_hanging_after_post_is_queued_with_lookup_first(
     assert delivery.queued
     assert delivery.change_id is not None
     assert [("GET", LOOKUP), ("POST", CONTACTS)] == paths(fake)[:2]
-    row = row_of(config.outbox_path, delivery.change_id)
+    row = row_of(config, delivery.change_id)
     assert row is not None
     assert ("create", 1) == (row["operation"], row["lookup_first"])
 
@@ -317,7 +331,7 @@ async def test_create_with_lost_reply_and_failing_lookup_is_queued_with_lookup_f
     assert delivery.queued
     assert delivery.change_id is not None
     assert 1 == len(fake.find("email", "new@example.com"))
-    row = row_of(config.outbox_path, delivery.change_id)
+    row = row_of(config, delivery.change_id)
     assert row is not None
     assert ("create", 1) == (row["operation"], row["lookup_first"])
 
@@ -334,7 +348,7 @@ async def test_create_with_lost_reply_found_by_lookup_is_not_queued(
     assert (False, found, [], 1) == (
         delivery.queued,
         [delivery.contact_id],
-        outbox_rows(config.outbox_path),
+        outbox_rows(config),
         len(fake.requests_to("POST", CONTACTS)),
     )
 
@@ -368,7 +382,7 @@ async def test_create_refused_at_connect_after_lookup_is_queued_without_lookup_f
     assert delivery.queued
     assert delivery.change_id is not None
     assert [("GET", LOOKUP)] == paths(fake)
-    row = row_of(config.outbox_path, delivery.change_id)
+    row = row_of(config, delivery.change_id)
     assert row is not None
     assert ("create", 0) == (row["operation"], row["lookup_first"])
 
@@ -384,7 +398,7 @@ async def test_create_rolled_back_by_engage_is_queued_without_lookup_first(
     assert delivery.queued
     assert delivery.change_id is not None
     assert [] == fake.find("email", "new@example.com")
-    row = row_of(config.outbox_path, delivery.change_id)
+    row = row_of(config, delivery.change_id)
     assert row is not None
     assert ("create", 0) == (row["operation"], row["lookup_first"])
 
@@ -447,7 +461,7 @@ async def test_open_circuit_queues_without_a_request(
         kind.queued,
         len(fake.requests),
     )
-    ids = {row["change_id"] for row in outbox_rows(breaker_config.outbox_path)}
+    ids = {row["change_id"] for row in outbox_rows(breaker_config)}
     assert {update.change_id, create.change_id, kind.change_id} <= ids
 
 
@@ -519,7 +533,7 @@ async def test_changes_to_a_queued_create_wait_for_it_even_when_engage_is_back(
     assert [] == paths(fake)
     assert (True, True, True) == (update.queued, kind.queued, promote.queued)
     assert (created.ref, created.ref, created.ref) == (update.ref, kind.ref, promote.ref)
-    rows = outbox_rows(config.outbox_path)
+    rows = outbox_rows(config)
     assert [
         ("create", created.change_id, "Member"),
         ("contact_type", kind.change_id, "Contact"),
@@ -539,7 +553,7 @@ async def test_changes_to_a_queued_create_wait_while_it_is_down(
     kind = await session.update_contact_type(created.ref, "Contact")
     update = await session.update_contact(created.ref, {"firstName": "After"})
 
-    rows = outbox_rows(config.outbox_path)
+    rows = outbox_rows(config)
     assert [created.change_id, kind.change_id, update.change_id] == [
         row["change_id"] for row in rows
     ]
@@ -560,7 +574,7 @@ async def test_change_to_contact_with_queued_changes_waits_while_engage_is_up(
     assert [] == paths(fake)
     assert (True, True, True) == (first.queued, kind.queued, update.queued)
     assert [first.change_id, kind.change_id, update.change_id] == [
-        row["change_id"] for row in outbox_rows(config.outbox_path)
+        row["change_id"] for row in outbox_rows(config)
     ]
     assert "Known" == fake.contacts[known].attributes["firstName"]
 
@@ -578,7 +592,7 @@ async def test_change_to_another_contact_is_sent_at_once(
 
     assert (True, False, None) == (waiting.queued, sent.queued, sent.change_id)
     assert [("PATCH", f"{CONTACTS}/{known}")] == paths(fake)
-    assert [waiting.change_id] == [row["change_id"] for row in outbox_rows(config.outbox_path)]
+    assert [waiting.change_id] == [row["change_id"] for row in outbox_rows(config)]
 
 
 # --- honest answers ---------------------------------------------------------------------------
@@ -607,6 +621,7 @@ async def impatient_session_fixture(
         yield session
 
 
+@pytest.mark.sqlite_only
 async def test_locked_outbox_raises_for_update(impatient_session: ea.EngageSession) -> None:
     """An update that cannot be committed raises OutboxError: never queued=True."""
     path = impatient_session.config.outbox_path
@@ -616,6 +631,7 @@ async def test_locked_outbox_raises_for_update(impatient_session: ea.EngageSessi
     assert [] == outbox_rows(path)
 
 
+@pytest.mark.sqlite_only
 async def test_locked_outbox_raises_for_create(impatient_session: ea.EngageSession) -> None:
     """A create that cannot be committed raises OutboxError: never queued=True."""
     path = impatient_session.config.outbox_path
@@ -625,6 +641,7 @@ async def test_locked_outbox_raises_for_create(impatient_session: ea.EngageSessi
     assert [] == outbox_rows(path)
 
 
+@pytest.mark.sqlite_only
 async def test_outbox_works_again_once_the_lock_is_released(
     impatient_session: ea.EngageSession,
 ) -> None:
@@ -646,6 +663,7 @@ def refused_url_fixture() -> Iterator[str]:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
+@pytest.mark.sqlite_only
 def test_full_disk_raises_outbox_error(tmp_path: Path, refused_url: str) -> None:
     """When SQLite cannot grow the file (EFBIG under RLIMIT_FSIZE), the write raises
     OutboxError; every write that did return queued=True is on disk, and nothing else is.
@@ -673,6 +691,7 @@ def test_full_disk_raises_outbox_error(tmp_path: Path, refused_url: str) -> None
 # --- concurrency --------------------------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only
 async def test_many_concurrent_updates_share_commits(
     down: FakeEngage, session: ea.EngageSession, config: ea.EngageConfig
 ) -> None:
@@ -697,7 +716,7 @@ async def test_many_concurrent_updates_share_commits(
     )
 
     assert [True] * 200 == [delivery.queued for delivery in deliveries]
-    rows = outbox_rows(config.outbox_path)
+    rows = outbox_rows(config)
     assert sorted(guids) == sorted(row["contact_id"] for row in rows)
     assert sorted(d.change_id for d in deliveries) == sorted(row["change_id"] for row in rows)
     assert 1 <= commits < len(guids)

@@ -2,17 +2,16 @@
 `FakeEngage`.
 
 The fake serves from this test's event loop, so every subprocess is awaited through asyncio
-and never blocks the loop. The sidecar is configured only through ``ENGAGE_*`` variables.
+and never blocks the loop. The sidecar is configured only through ``ENGAGE_*`` variables, on
+either outbox backend.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import re
 import signal
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,7 +19,9 @@ from typing import Any
 
 import pytest
 from helpers import (
+    BACKENDS,
     CONTACTS,
+    PROCESS_TIMEOUT,
     FakeClock,
     attribute,
     changes,
@@ -29,21 +30,22 @@ from helpers import (
     execute,
     flusher_config,
     one_id,
+    sidecar_env,
+    start_flush,
 )
 
 import engage_async as ea
 from engage_async.testing import FakeEngage
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.parametrize("backend", BACKENDS, indirect=True)]
 
 REPORT = re.compile(
     r"sent (\d+), created (\d+), updated (\d+), reconciled (\d+), dead (\d+), "
     r"exported (\d+), uploaded (\d+), pending (\d+)"
 )
+
+
 # Startup of a fresh interpreter with aiohttp and lxml is the slow part.
-PROCESS_TIMEOUT = 30.0
-
-
 def queueing_clock() -> FakeClock:
     """The clock of a session queueing work for a sidecar, which reads the rows on the real
     clock: it starts at the real time, and the session's retries move it ahead by no more
@@ -52,51 +54,12 @@ def queueing_clock() -> FakeClock:
     return FakeClock(wall=time.time())
 
 
-def sidecar_env(fake: FakeEngage, config: ea.EngageConfig, **extra: str) -> dict[str, str]:
-    """The environment of a sidecar on `fake` and the outbox of `config`, tiny delays."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("ENGAGE_")}
-    env.update(
-        {
-            "ENGAGE_BASE_URL": fake.url,
-            "ENGAGE_API_KEY": fake.api_key,
-            "ENGAGE_USER_AGENT": "EngageSidecarTests/1.0",
-            "ENGAGE_OUTBOX": str(config.outbox_path),
-            "ENGAGE_XML_DIR": str(config.xml_dir),
-            "ENGAGE_BACKGROUND_DELAYS": "0.01",
-            "ENGAGE_BATCH_POLL_INITIAL": "0.01",
-            "ENGAGE_BATCH_POLL_MAX": "0.05",
-            "ENGAGE_POLL_INTERVAL": "0.05",
-            "ENGAGE_LEASE_SECONDS": "0.5",
-            "ENGAGE_RATE_LIMIT": "1000",
-            "ENGAGE_REQUEST_TIMEOUT": "5",
-        }
-    )
-    env.update(extra)
-    return env
-
-
-async def start(env: Mapping[str, str], log: Path, *args: str) -> asyncio.subprocess.Process:
-    """Start ``engage-async flush`` with `args`; its output goes to `log` (never a full pipe)."""
-    with log.open("ab") as output:
-        return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "engage_async.cli",
-            "flush",
-            *args,
-            env=dict(env),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=output,
-            stderr=output,
-        )
-
-
 async def flush_once(env: Mapping[str, str], log: Path) -> tuple[int, dict[str, int]]:
     """Run ``engage-async flush --once`` to the end; its exit status and printed counts.
 
     `log` must be new: it receives this run's output only.
     """
-    process = await start(env, log, "--once", "--no-progress")
+    process = await start_flush(env, log, "--once", "--no-progress")
     status = await asyncio.wait_for(process.wait(), PROCESS_TIMEOUT)
     output = log.read_text(encoding="utf-8")
     printed = [match for match in map(REPORT.fullmatch, output.splitlines()) if match]
@@ -151,7 +114,7 @@ async def test_sigterm_finishes_the_step_in_progress_and_exits_0(
         await fake.come_up()
     fake.inject("slow", method="PATCH", delay=0.5)
     log = tmp_path / "sidecar.log"
-    process = await start(sidecar_env(fake, config), log)
+    process = await start_flush(sidecar_env(fake, config), log)
     try:
         await eventually(lambda: fake.requests_to("PATCH", f"{CONTACTS}/*"), PROCESS_TIMEOUT)
         process.send_signal(signal.SIGTERM)
@@ -176,7 +139,7 @@ async def test_sigterm_stops_an_idle_sidecar(fake: FakeEngage, tmp_path: Path) -
     log = tmp_path / "sidecar.log"
     # Once the outbox is drained the sidecar waits a minute for the next poll: only SIGTERM
     # cutting that wait short makes it exit within the bound below.
-    process = await start(sidecar_env(fake, config, ENGAGE_POLL_INTERVAL="60"), log)
+    process = await start_flush(sidecar_env(fake, config, ENGAGE_POLL_INTERVAL="60"), log)
     try:
         await eventually(
             lambda: ["done"] == [row["state"] for row in changes(config)], PROCESS_TIMEOUT
@@ -270,7 +233,7 @@ async def test_a_sidecar_killed_again_and_again_leaves_engage_exactly_as_expecte
     for _ in range(5):
         # Kill it at work, after a random number of its requests reached Engage.
         kill_after = len(fake.requests) + rng.randint(1, 40)
-        process = await start(env, log)
+        process = await start_flush(env, log)
         try:
             await eventually(
                 lambda kill_after=kill_after: len(fake.requests) >= kill_after, PROCESS_TIMEOUT

@@ -1,6 +1,7 @@
 """Queue creates and updates for ever against an Engage that refuses connections.
 
-Usage: ``queue_until_killed.py OUTBOX BASE_URL [DURABILITY]``. Several tasks write at once,
+Usage: ``queue_until_killed.py OUTBOX BASE_URL [DURABILITY]`` (``ENGAGE_OUTBOX_URL`` and
+``ENGAGE_OUTBOX_SCHEMA``, when set, name a PostgreSQL outbox instead). Several tasks write at once,
 so group commits are under way when the parent kills us. Each change_id is printed (and
 flushed) only after its call returned ``queued=True``: a printed id is a promise the outbox
 made. Any other outcome is printed as ``error ...`` and ends the run.
@@ -9,6 +10,7 @@ made. Any other outcome is printed as ``error ...`` and ends the run.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -42,6 +44,8 @@ async def main(outbox: Path, base_url: str, durability: Literal["full", "normal"
         api_key="crash-test-key",
         user_agent="CrashTest/1.0",
         outbox_path=outbox,
+        outbox_url=os.environ.get("ENGAGE_OUTBOX_URL"),
+        outbox_schema=os.environ.get("ENGAGE_OUTBOX_SCHEMA", "engage_outbox"),
         durability=durability,
         interactive_deadline=1.0,
         retry_initial_delay=0.001,
