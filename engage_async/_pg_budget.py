@@ -26,6 +26,7 @@ import attrs
 from ._budget import (
     Budget,
     BudgetFile,
+    Pacer,
     Permit,
     Priority,
     Record,
@@ -96,6 +97,7 @@ class PgBudget:
         self._local = Budget(BudgetFile(None), key, rate, clock)
         self._down_until: float | None = None
         self._warned_mixed = False
+        self._pacer = Pacer()
 
     def __repr__(self) -> str:
         return f"<PgBudget {url_without_password(self._url)} schema {self._schema}>"
@@ -244,6 +246,16 @@ class PgBudget:
             self._conn = None
 
     async def _take(self, priority: Priority) -> tuple[PgPermit | None, float]:
+        started = self._clock.monotonic()
+        paced = self._pacer.wait(priority, started)
+        if paced > 0:
+            return None, paced
+        permit, wait = await self._take_slot(priority)
+        if permit is not None:
+            self._pacer.took(priority, started, self.shape)
+        return permit, wait
+
+    async def _take_slot(self, priority: Priority) -> tuple[PgPermit | None, float]:
         if self._shared_up():
             asyncpg = import_asyncpg()
 

@@ -121,6 +121,10 @@ def _parser() -> argparse.ArgumentParser:
         help="outbox URL, sqlite:///path or postgresql://user@host:port/db (default: "
         "$ENGAGE_OUTBOX_URL; the password from the URL, PGPASSWORD or ~/.pgpass)",
     )
+    flush.add_argument(
+        "--outbox-schema",
+        help="the PostgreSQL outbox's schema (default: $ENGAGE_OUTBOX_SCHEMA or engage_outbox)",
+    )
     flush.add_argument("--base-url", help="Engage base URL (default: $ENGAGE_BASE_URL)")
     flush.add_argument("--user-agent", help="System/version (default: $ENGAGE_USER_AGENT)")
     flush.add_argument("--fallback-mode", choices=("bulk", "xml"), help="bulk API or XML files")
@@ -347,6 +351,7 @@ def _flush_config(args: argparse.Namespace) -> EngageConfig:
         for name, value in (
             ("outbox_path", args.outbox),
             ("outbox_url", args.outbox_url),
+            ("outbox_schema", args.outbox_schema),
             ("base_url", args.base_url),
             ("user_agent", args.user_agent),
             ("fallback_mode", args.fallback_mode),

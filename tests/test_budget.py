@@ -430,6 +430,15 @@ def take_all(budget: Budget, priority: Priority = IN) -> list[int]:
     return got
 
 
+def take_paced(clock: FakeClock, budget: Budget, priority: Priority) -> list[int]:
+    """Every slot `budget` can take, each one spacing (`window / slots`) after the last."""
+    got = []
+    while (permit := budget.try_acquire(priority)) is not None:
+        got.append(permit.index)
+        clock.advance(budget.shape.window / budget.shape.slots)
+    return got
+
+
 def use_all(budget: Budget) -> list[int]:
     """Send through every slot `budget` can take now, each answered at once, by index."""
     got = []
@@ -475,12 +484,67 @@ async def test_background_in_one_process_leaves_the_reserve_to_interactive_in_an
     """A flusher in one process draining as fast as it may leaves `INTERACTIVE_RESERVE` slots,
     which an interactive call of another process then gets.
     """
-    _, one, two = views
+    clock, one, two = views
 
-    flusher = take_all(one, BG)
+    flusher = take_paced(clock, one, BG)
     interactive = take_all(two, IN)
 
     assert (5 - INTERACTIVE_RESERVE, INTERACTIVE_RESERVE) == (len(flusher), len(interactive))
+
+
+async def test_background_requests_of_one_process_are_spaced_and_interactive_ones_not(
+    views: tuple[FakeClock, Budget, Budget],
+) -> None:
+    """A background request waits one spacing (``window / slots``) after this process's last
+    one; an interactive call never waits for the pace, and another process has its own.
+    """
+    clock, one, two = views
+    spacing = one.shape.window / one.shape.slots
+
+    first = one.try_acquire(BG)
+    too_soon = one.try_acquire(BG)
+    other_process = two.try_acquire(BG)
+    clock.advance(spacing - 0.001)
+    still_too_soon = one.try_acquire(BG)
+    clock.advance(0.002)
+    spaced = one.try_acquire(BG)
+    interactive = one.try_acquire(IN)
+
+    assert (None, None) == (too_soon, still_too_soon)
+    assert None not in (first, other_process, spaced, interactive)
+
+
+async def test_a_flusher_starting_on_a_free_budget_leaves_callers_no_burst_to_wait_out(
+    tmp_path: Path,
+) -> None:
+    """The in-app case: a flusher starts draining as fast as it may while a caller asks
+    five times a second. Each caller's request gets its slot within one spacing; taken all
+    at once, the flusher's slots would free together a window later, and the third call
+    would wait for that.
+    """
+    clock = FakeClock()
+    budget = Budget(BudgetFile(tmp_path / "outbox.sqlite3.budget"), KEY, 10.0, clock)
+    spacing = budget.shape.window / budget.shape.slots
+    tick = 0.01
+    waits: list[float] = []
+    asked_at: float | None = None
+    try:
+        for step in range(300):  # three seconds
+            now = clock.monotonic()
+            if step % 20 == 0:
+                asked_at = now
+            if asked_at is not None and (permit := budget.try_acquire(IN)) is not None:
+                budget.release(permit)
+                waits.append(now - asked_at)
+                asked_at = None
+            while (permit := budget.try_acquire(BG)) is not None:
+                budget.release(permit)
+            clock.advance(tick)
+    finally:
+        budget.release_user()
+
+    assert 15 == len(waits)
+    assert max(waits) <= spacing + tick
 
 
 async def test_a_429_in_one_process_slows_the_other(

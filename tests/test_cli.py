@@ -951,17 +951,18 @@ async def test_flush_once_flags_override_the_environment(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """--outbox (--outbox-url) and --base-url win over ENGAGE_OUTBOX (ENGAGE_OUTBOX_URL) and
-    ENGAGE_BASE_URL.
+    """--outbox (--outbox-url, --outbox-schema) and --base-url win over ENGAGE_OUTBOX
+    (ENGAGE_OUTBOX_URL, ENGAGE_OUTBOX_SCHEMA) and ENGAGE_BASE_URL.
     """
     await queue_two_creates(fake, config)
     engage_environment(monkeypatch, config)
     monkeypatch.setenv("ENGAGE_OUTBOX", str(config.outbox_path.with_name("elsewhere.sqlite3")))
     monkeypatch.setenv("ENGAGE_BASE_URL", "https://tenant.example.invalid")
-    flag: tuple[str, str | Path] = ("--outbox", config.outbox_path)
+    flag: tuple[str | Path, ...] = ("--outbox", config.outbox_path)
     if config.outbox_url is not None:
         monkeypatch.setenv("ENGAGE_OUTBOX_URL", "postgresql://nobody@127.0.0.1:9/elsewhere")
-        flag = ("--outbox-url", config.outbox_url)
+        monkeypatch.setenv("ENGAGE_OUTBOX_SCHEMA", "elsewhere")
+        flag = ("--outbox-url", config.outbox_url, "--outbox-schema", config.outbox_schema)
 
     code = await cli("flush", "--once", "--no-progress", *flag, "--base-url", fake.url)
 

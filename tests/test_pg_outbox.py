@@ -269,6 +269,33 @@ async def test_an_unreachable_database_raises_outbox_error_within_the_deadline(
     assert [] == outbox_rows(config)
 
 
+async def test_with_the_database_away_writes_raise_unsent_and_reads_go_on(
+    postgres: Postgres, fake: FakeEngage, tmp_path: Path
+) -> None:
+    """Engage is up but the outbox is not: a write raises OutboxError without reaching Engage
+    (the session cannot tell what waits ahead of it, nor keep it), and a read still answers.
+    """
+    config = make_config(fake.url, fake.api_key, tmp_path, outbox_timeout=None)
+    async with ea.EngageSession(config) as session:
+        created = await session.create_contact({"email": "anna@example.com"}, contact_type="Member")
+        assert created.contact_id is not None
+        fake.clear_requests()
+        await asyncio.to_thread(postgres.stop)
+        try:
+            with pytest.raises(ea.OutboxError):
+                await session.update_contact(created.contact_id, {"city": "Unsent"})
+            with pytest.raises(ea.OutboxError):
+                await session.create_contact({"email": "bo@example.com"}, contact_type="Member")
+            writes = [r for r in fake.requests if r.method in ("POST", "PATCH", "PUT")]
+            read = await session.get_contact(created.contact_id)
+        finally:
+            await asyncio.to_thread(postgres.start)
+
+    assert [] == writes
+    assert created.contact_id == read.id
+    assert "city" not in fake.contact_json(created.contact_id)
+
+
 async def test_a_database_that_does_not_answer_in_time_raises_and_keeps_nothing(
     fake: FakeEngage, tmp_path: Path
 ) -> None:
