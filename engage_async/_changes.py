@@ -148,6 +148,15 @@ class Change:
             exported_to=row["exported_to"],
         )
 
+    def avoids_export(self, configured: bool) -> bool:
+        """Whether this change stays out of Engage's exports: an update's own choice
+        (``update_contact(..., avoid_triggering_export=...)``), else `configured`.
+        """
+        if self.operation is not Operation.UPDATE:
+            return False
+        chosen = self.query.get("avoidTriggeringExport")
+        return configured if chosen is None else chosen == "true"
+
 
 _OPERATIONS: Final = {str(operation): operation for operation in Operation}
 _STATES: Final = {str(state): state for state in State}

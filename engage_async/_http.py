@@ -264,6 +264,10 @@ _QUERY_OR_ENCODED = re.compile(
     r"\?[^\s\"'<>#?=]*=[^\s\"'<>#]*|[^\s\"'<>(),;:\[\]{}%]+%40[^\s\"'<>(),;:\[\]{}]+"
 )
 _PERSONAL_PARAMETERS: Final = frozenset(LOOKUP_PARAMETERS.values())
+# Shorter sent values are not masked where an answer repeats them: "SE" or "12" would blank
+# out half of an error message, and say nothing about a person.
+_SHORTEST_ECHO: Final = 3
+_SHORTEST_NUMBER_ECHO: Final = 6
 # Details are kept from error bodies up to this size; Engage's are a few hundred bytes.
 _MAX_DETAILS_BODY: Final = 256 * 1024
 _DETAILS_DEPTH: Final = 32
@@ -333,15 +337,53 @@ def _parse_retry_after(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
-def _echoes(call: Call) -> tuple[str, ...]:
-    """The personal values `call` sent in its query, as an answer might echo them (raw and
-    percent-encoded), longest first. Scrubbing alone would miss a custom key.
+def _echoes(call: Call, answer: str) -> tuple[str, ...]:
+    """The personal values `call` sent that `answer` (its raw text) repeats, in every form an
+    answer may give them, longest first: those of its query (raw and percent-encoded), and
+    every text of its JSON body (raw and JSON-escaped). Scrubbing alone would miss a custom
+    key, a name or a street.
+
+    Only the values the answer repeats are kept: a bulk body sends thousands, and each kept
+    one is replaced in every text taken from the answer.
     """
-    forms: set[str] = set()
-    for name, value in call.query:
-        if name in _PERSONAL_PARAMETERS and len(value) >= 3:
-            forms.update((value, quote(value, safe=""), quote_plus(value)))
+    groups = [
+        (value, quote(value, safe=""), quote_plus(value))
+        for name, value in call.query
+        if name in _PERSONAL_PARAMETERS and len(value) >= _SHORTEST_ECHO
+    ]
+    if call.body:
+        groups += [
+            (text, json.dumps(text)[1:-1], json.dumps(text, ensure_ascii=False)[1:-1])
+            for text in _sent_texts(call.body)
+        ]
+    forms = {form for group in groups if any(form in answer for form in group) for form in group}
     return tuple(sorted(forms, key=len, reverse=True))
+
+
+def _sent_texts(body: bytes) -> set[str]:
+    """Every text (and long number) in a JSON body we sent. Only asked on an error, so a bulk
+    body's cost is paid only then.
+    """
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return set()
+    found: set[str] = set()
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if len(value) >= _SHORTEST_ECHO:
+                found.add(value)
+        elif isinstance(value, Mapping):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            text = str(value)
+            if len(text) >= _SHORTEST_NUMBER_ECHO:  # a personal or member number sent as one
+                found.add(text)
+    return found
 
 
 def _safe_text(text: str, echoes: tuple[str, ...] = (), limit: int = MAX_BODY) -> str:
@@ -379,6 +421,8 @@ def _scrubbed(value: Any, echoes: tuple[str, ...], depth: int = 0) -> Any:
         }
     if isinstance(value, list):
         return [_scrubbed(item, echoes, depth + 1) for item in value]
+    if isinstance(value, int | float) and not isinstance(value, bool) and str(value) in echoes:
+        return "***"  # a number the call sent (a personal or member number), repeated
     return value
 
 
@@ -470,7 +514,7 @@ def error_for_status(
     ):
         return _not_a_verdict(call, status, headers, body, page=page)
     code, raw_message, raw_details = _error_fields(None if data is _NOT_JSON else data)
-    echoes = _echoes(call)
+    echoes = _echoes(call, body.decode("utf-8", errors="replace"))
     message = _safe_text(raw_message, echoes) if raw_message is not None else None
     details = _scrubbed(raw_details, echoes) if len(body) <= _MAX_DETAILS_BODY else {}
     summary = f"{call.target} -> {status}"

@@ -455,7 +455,7 @@ class Sender:
 
         def group_of(change: Change) -> tuple[str, bool]:
             contact_type = change.contact_type or self.config.default_contact_type
-            return contact_type, self._avoids_export(change)
+            return contact_type, change.avoids_export(self.config.avoid_triggering_export)
 
         for (group_type, avoid_export), group in itertools.groupby(
             sorted(changes, key=group_of), key=group_of
@@ -488,15 +488,6 @@ class Sender:
         if kind is Operation.CREATE:
             return without_type(change.body or {})
         return {**(change.body or {}), "contactId": change.contact_id}
-
-    def _avoids_export(self, change: Change) -> bool:
-        """Whether a queued update keeps its change out of Engage's exports (its own choice,
-        else the configuration's).
-        """
-        if change.operation is not Operation.UPDATE:
-            return False
-        chosen = change.query.get("avoidTriggeringExport")
-        return self.config.avoid_triggering_export if chosen is None else chosen == "true"
 
     async def _send_chunk(
         self,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +57,9 @@ class _File:
 class XmlExport:
     """Writes changes to XML import files in `config.xml_dir`.
 
-    `avoid_triggering_export` (default: the config's setting) puts ``avoidTriggeringExport``
-    on the update files that qualify: every contact holds only its contactId and
-    non-standard fields.
+    ``avoidTriggeringExport`` goes on the update files that qualify: every update in it asked
+    for it (its own choice, else `avoid_triggering_export`, by default the config's setting)
+    and holds only its contactId and non-standard fields.
     """
 
     def __init__(
@@ -154,14 +154,25 @@ class XmlExport:
                 )
         return contacts, bad
 
-    def _render(self, contacts: Sequence[_xmlfiles.XmlContact], *, update: bool) -> _File:
-        avoid = (
-            update
-            and self.avoid_triggering_export
-            and all(_xmlfiles.only_custom_fields(c) for c in contacts)
-        )
+    def _avoids(self, contact: _xmlfiles.XmlContact, wanted: Mapping[int, bool]) -> bool:
+        """Whether `contact` (an update) asked to skip Engage's exports and may."""
+        return wanted.get(contact.seq, False) and _xmlfiles.only_custom_fields(contact)
+
+    def _render(
+        self,
+        contacts: Sequence[_xmlfiles.XmlContact],
+        wanted: Mapping[int, bool],
+        *,
+        update: bool,
+    ) -> _File:
+        # Decided from the rows alone, so a plan rebuilt after a crash renders the same bytes.
+        avoid = update and all(self._avoids(c, wanted) for c in contacts)
         data = _xmlfiles.render(contacts, avoid_triggering_export=avoid)
         return _File(tuple(c.seq for c in contacts), data, _xmlfiles.digest(data))
+
+    def _wanted(self, updates: Sequence[Change]) -> dict[int, bool]:
+        """Each update's choice about Engage's exports, by seq."""
+        return {c.seq: c.avoids_export(self.avoid_triggering_export) for c in updates}
 
     def _prepare(
         self, creates: Sequence[Change], updates: Sequence[Change]
@@ -173,20 +184,18 @@ class XmlExport:
         create_contacts, bad = self._built(creates)
         update_contacts, bad_updates = self._built(updates)
         bad.update(bad_updates)
-        groups: list[tuple[list[_xmlfiles.XmlContact], bool]] = [(create_contacts, False)]
-        if self.avoid_triggering_export:
-            # Updates of non-standard fields alone go apart, so their file can skip Engage's
-            # export even when other updates are written in the same step.
-            custom = [_xmlfiles.only_custom_fields(c) for c in update_contacts]
-            groups += [
-                ([c for c, only in zip(update_contacts, custom, strict=True) if only], True),
-                ([c for c, only in zip(update_contacts, custom, strict=True) if not only], True),
-            ]
-        else:
-            groups.append((update_contacts, True))
+        wanted = self._wanted(updates)
+        # Updates that may skip Engage's exports go apart, so their file carries it even when
+        # other updates are written in the same step.
+        avoiding = [self._avoids(c, wanted) for c in update_contacts]
+        groups = [
+            (create_contacts, False),
+            ([c for c, avoids in zip(update_contacts, avoiding, strict=True) if avoids], True),
+            ([c for c, avoids in zip(update_contacts, avoiding, strict=True) if not avoids], True),
+        ]
         size = _xmlfiles.MAX_CONTACTS_PER_FILE
         files = [
-            self._render(contacts[start : start + size], update=update)
+            self._render(contacts[start : start + size], wanted, update=update)
             for contacts, update in groups
             for start in range(0, len(contacts), size)
         ]
@@ -200,7 +209,8 @@ class XmlExport:
         contacts, bad = self._built(rows)
         if not contacts:
             return None, bad
-        return self._render(contacts, update=rows[0].operation is not Operation.CREATE), bad
+        update = rows[0].operation is not Operation.CREATE
+        return self._render(contacts, self._wanted(rows), update=update), bad
 
     # --- writing ----------------------------------------------------------------------------
 

@@ -68,7 +68,7 @@ def reachable(root: BaseException) -> Iterator[object]:
             stack += list(vars(item).values())
 
 
-def leaks(root: BaseException) -> list[str]:
+def leaks(root: BaseException, secrets: tuple[str, ...] = SECRETS) -> list[str]:
     """What is wrong with `root`: secrets in any reachable text, or foreign objects."""
     found = []
     for item in reachable(root):
@@ -80,7 +80,7 @@ def leaks(root: BaseException) -> list[str]:
             texts.add(item.decode("utf-8", errors="replace"))
         found += [
             f"{secret!r} in {type(item).__name__}"
-            for secret in SECRETS
+            for secret in secrets
             if any(secret in text for text in texts)
         ]
     return sorted(set(found))
@@ -204,6 +204,57 @@ async def test_failures_carry_no_secrets(
     assert expected is type(exc)
     assert [] == leaks(exc)
     assert [] == [secret for secret in SECRETS if secret in logged(exc)]
+
+
+LAST_NAME: Final = "Ålandersson"
+STREET: Final = "Storgatan 12"
+MEMBER_NUMBER: Final = 19121212
+# What a write sends in its body that no pattern recognises: a name, a street, a number.
+BODY_SECRETS: Final = (LAST_NAME, "\\u00c5landersson", STREET, str(MEMBER_NUMBER))
+WRITE_ECHO = {
+    "errorCode": "InvalidAttribute",
+    "message": f"lastName {LAST_NAME} at {STREET} ({MEMBER_NUMBER}) refused",
+    "messageDetails": {"lastName": [LAST_NAME], "street": STREET, "number": MEMBER_NUMBER},
+}
+GUID: Final = "2e40b702-2767-4abe-ae99-aa510108e22b"
+WRITE_BODY: Final = {"lastName": LAST_NAME, "street": STREET, "memberNumber": MEMBER_NUMBER}
+
+
+def update_contact(session: ea.EngageSession) -> Awaitable[Any]:
+    """An update whose body holds a name, a street and a number."""
+    return session.update_contact(GUID, WRITE_BODY)
+
+
+def create_contact(session: ea.EngageSession) -> Awaitable[Any]:
+    """A create whose body holds the email, a name, a street and a number."""
+    return session.create_contact({"email": EMAIL, **WRITE_BODY}, contact_type="Member")
+
+
+@pytest.mark.parametrize("call", [update_contact, create_contact])
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [(400, ea.InvalidRequest), (422, ea.EngageValidationError)],
+)
+async def test_a_write_refused_with_its_own_values_echoed_carries_none_of_them(
+    keyed: FakeEngage,
+    secret_config: ea.EngageConfig,
+    call: Call,
+    status: int,
+    expected: type[ea.EngageError],
+) -> None:
+    """Engage's refusal of a write may repeat what it was sent (JSON escapes included): no
+    value of the body, recognisable or not, is in the exception or what a logger prints.
+    """
+    keyed.add_contact({"email": "someone.else@example.com"}, contact_id=GUID)
+    keyed.inject("status", method="PATCH", status=status, body=WRITE_ECHO)
+    keyed.inject("status", method="POST", status=status, body=WRITE_ECHO)
+    async with ea.EngageSession(secret_config) as session:
+        exc = await provoke(session, call)
+
+    assert expected is type(exc)
+    assert [] == leaks(exc, SECRETS + BODY_SECRETS)
+    assert [] == [secret for secret in SECRETS + BODY_SECRETS if secret in logged(exc)]
+    assert "lastName" in exc.details  # the answer's shape is kept, only the values go
 
 
 @pytest.mark.parametrize("call", [find_contact_id, contact_overview])

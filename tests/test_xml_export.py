@@ -374,6 +374,35 @@ async def test_avoid_triggering_export_is_off_unless_configured(
     assert [None] == [avoid_flag(path) for path in written]
 
 
+@pytest.mark.parametrize("configured", [False, True])
+async def test_each_updates_own_choice_about_exports_wins_over_the_setting(
+    fake: FakeEngage, tmp_path: Path, outbox: SqliteOutbox, configured: bool
+) -> None:
+    """``update_contact(..., avoid_triggering_export=...)`` is kept in XML as in bulk: an
+    update that asked for it goes into a file with avoidTriggeringExport="true", one that
+    asked not to into a file without it, whatever the setting; the rest follow the setting.
+    """
+    config = xml_config(fake, tmp_path)
+    insert(
+        config, '{"bonusLevel":2}', contact_id=GUIDS[0], options={"avoidTriggeringExport": "true"}
+    )
+    insert(
+        config, '{"bonusLevel":3}', contact_id=GUIDS[1], options={"avoidTriggeringExport": "false"}
+    )
+    insert(config, '{"bonusLevel":4}', contact_id=GUIDS[2])
+
+    written = await export_claimed(config, outbox, avoid=configured)
+
+    flags = {guid: avoid_flag(path) for path in written for guid in emails_and_ids(path)}
+    assert {
+        GUIDS[0]: "true",
+        GUIDS[1]: None,
+        GUIDS[2]: "true" if configured else None,
+    } == flags
+    for path in written:
+        assert [] == _xmlfiles.validate_file(path)
+
+
 # --- exported once across a crash ----------------------------------------------------------------
 
 KILL_AFTER_LINK = """
