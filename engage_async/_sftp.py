@@ -47,6 +47,7 @@ import attrs
 from ._config import EngageConfig
 from ._errors import SftpError, SftpRefused, SftpUnavailable
 from ._retry import background_delay
+from ._xmlfiles import fsync_directory
 
 if TYPE_CHECKING:
     import asyncssh
@@ -110,15 +111,6 @@ def _host_tag() -> str:
     return tag or "host"
 
 
-def _fsync_directory(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _try_lock(directory: Path) -> IO[bytes] | None:
     """Hold the directory's upload lock (flock, released on close), or None if taken."""
     path = directory / LOCK_FILE
@@ -145,8 +137,8 @@ def _move_to_sent(path: Path) -> Path:
         target = sent / f"{path.stem}~{copy}{path.suffix}"
         copy += 1
     path.rename(target)
-    _fsync_directory(sent)
-    _fsync_directory(path.parent)
+    fsync_directory(sent)
+    fsync_directory(path.parent)
     return target
 
 
@@ -170,7 +162,7 @@ def _rename_locally(path: Path) -> Path:
         except FileExistsError:
             continue
         path.unlink()
-        _fsync_directory(path.parent)
+        fsync_directory(path.parent)
         return path.parent / name
 
 

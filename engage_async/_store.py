@@ -6,7 +6,9 @@ GUID, prune, ...) is one method here, implemented once per backend. Times passed
 durations; each backend turns them into due times with its own clock, so a backend whose
 processes share one clock (a database server's) can use it.
 
-Today's backend is SQLite (`_outbox.SqliteOutbox`, its SQL in `_rows`).
+Two backends implement it: SQLite (`_outbox.SqliteOutbox`, its SQL in `_rows`) for one host,
+and PostgreSQL (`_pg_outbox.PgOutbox`, its SQL in `_pg_rows`) for several; `_outboxes`
+opens the one an `outbox_url` names.
 """
 
 from __future__ import annotations

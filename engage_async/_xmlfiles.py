@@ -49,6 +49,7 @@ __all__ = [
     "file_name",
     "find_written",
     "free_name",
+    "fsync_directory",
     "make_directory",
     "only_custom_fields",
     "place",
@@ -465,7 +466,7 @@ def place(directory: Path, name: str, data: bytes) -> Path | None:
             return final if _holds(final, data) else None
     finally:
         temporary.unlink(missing_ok=True)
-    _fsync_directory(directory)
+    fsync_directory(directory)
     return final
 
 
@@ -529,7 +530,10 @@ def write_file(
     return path
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
+    """Make a name created, renamed or removed in `directory` survive a power cut (best
+    effort: a file system that cannot sync a directory is left to its own journal).
+    """
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
         try:
