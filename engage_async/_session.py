@@ -93,6 +93,10 @@ T = TypeVar("T")
 # Of the interactive deadline, the share the network may use; the rest is kept for committing
 # to the outbox, so that a queued write still answers within the deadline.
 _NETWORK_SHARE: Final = 0.9
+# How long a contact type this session gave the outbox is not given again, and for how many
+# contacts at most (then it starts over).
+_TYPE_TOLD_FOR: Final = 60.0
+_TYPES_TOLD_MAX: Final = 10_000
 _REDEMPTION_CHANNELS: Final = frozenset({"POS", "ECOM", "OTHER"})
 _IF_EXISTS: Final = ("return", "update")
 _UNKNOWN_REF: Final = (
@@ -142,6 +146,8 @@ class EngageSession:
         self._metrics.watch_breaker(self._breaker)
         self._root = config.api_root
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        # contact id -> (type, monotonic time) this session last handed to the outbox.
+        self._types_told: dict[str, tuple[str, float]] = {}
 
     def __repr__(self) -> str:
         return (
@@ -387,9 +393,19 @@ class EngageSession:
         in a bulk request of that type.
         """
         contact_type = _http.read_contact_type(data)
-        if contact_id and contact_type and self._outbox is not None:
-            with contextlib.suppress(ValueError):
-                self._outbox.remember_type_later(normalize_contact_id(contact_id), contact_type)
+        if not (contact_id and contact_type and self._outbox is not None):
+            return
+        # A till reads the same contacts again and again: the same type told a moment ago
+        # is not written again (another process may have changed it since, so not for long).
+        now = self._clock.monotonic()
+        told = self._types_told.get(contact_id)
+        if told is not None and told[0] == contact_type and now - told[1] < _TYPE_TOLD_FOR:
+            return
+        with contextlib.suppress(ValueError):
+            self._outbox.remember_type_later(normalize_contact_id(contact_id), contact_type)
+            if len(self._types_told) >= _TYPES_TOLD_MAX:
+                self._types_told.clear()
+            self._types_told[contact_id] = (contact_type, now)
 
     async def transactions(self, contact_id: str, *, limit: int | None = None) -> list[Transaction]:
         """The contact's purchases and returns, every page fetched (up to `limit`)."""
