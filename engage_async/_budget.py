@@ -56,7 +56,9 @@ __all__ = [
     "Priority",
     "Record",
     "Shape",
+    "SharedBudget",
     "Slots",
+    "settle",
     "shape",
 ]
 
@@ -265,6 +267,29 @@ def after_good_answer(record: Slots, now: float) -> None:
     if now > since:
         record.scale = min(1.0, record.scale + (now - since) * _RECOVERY_PER_SECOND)
         record.last_grown = now
+
+
+def settle(
+    record: Slots,
+    permit: Permit,
+    now: float,
+    window: float,
+    *,
+    rate_limited: bool,
+    retry_after: float | None,
+) -> bool:
+    """A request is over: its slot goes back, and the answer moves the pace (a 429 cuts it,
+    anything else lets it grow back). True when this is the key's first cut, which the
+    caller reports once: the setting is higher than the tenant allows.
+    """
+    give_back(record, permit.index, permit.taken, now, window)
+    if not rate_limited:
+        after_good_answer(record, now)
+        return False
+    cut = after_rate_limited(record, now, window, retry_after)
+    warn = cut and not record.rate_warned
+    record.rate_warned = record.rate_warned or cut
+    return warn
 
 
 # --- the file ------------------------------------------------------------------------------
@@ -480,7 +505,73 @@ class Permit:
     taken: float
 
 
-class Budget:
+class SharedBudget:
+    """What every budget of one Engage key in this process does, wherever its slots live
+    (`Budget`: a file on this host; `_pg_budget.PgBudget`: a database row for every host):
+    callers wait in turn per priority, background requests are paced, users are counted.
+
+    A subclass says how a slot is taken (`_attempt`) and given back (`release`).
+    """
+
+    # How the first 429's warning names who slows down.
+    _who_slows = "every process on the outbox"
+
+    def __init__(self, key: bytes, rate: float, clock: Clock, on_close: Callable[[], None]) -> None:
+        self.rate = rate
+        self.shape = shape(rate)
+        self._key = key
+        self._clock = clock
+        self._on_close = on_close
+        self._users = 0
+        self._turns = {priority: asyncio.Lock() for priority in Priority}
+        self._returned = asyncio.Event()
+        self._pacer = Pacer()
+
+    def _lower_rate(self, rate: float) -> None:
+        """A second user of this key in this process asked for `rate`: the lower one wins
+        (either may be the one that knows the tenant's limit), with a warning.
+        """
+        if rate < self.rate:
+            log.warning("two rate_limit values for one Engage key in this process; using %g", rate)
+            self.rate, self.shape = rate, shape(rate)
+
+    async def _attempt(self, priority: Priority) -> tuple[Permit | None, float]:
+        """A slot now, or (None, seconds until it is worth looking again)."""
+        raise NotImplementedError
+
+    async def acquire(
+        self, priority: Priority, *, within: float | None = None, metrics: Metrics = NO_METRICS
+    ) -> Permit | None:
+        """Wait for a slot; None (and no slot) when none can be had within `within` seconds.
+        The wait is reported to `metrics`.
+        """
+        started = self._clock.monotonic()
+        deadline = None if within is None else started + within
+        async with self._turns[priority]:
+            while True:
+                permit, wait = await self._attempt(priority)
+                now = self._clock.monotonic()
+                if permit is not None:
+                    metrics.rate_limit_wait(priority, now - started, admitted=True)
+                    return permit
+                if deadline is not None and now + wait > deadline:
+                    metrics.rate_limit_wait(priority, now - started, admitted=False)
+                    return None
+                # A slot given back in this process wakes the waiter at once; one given back
+                # elsewhere is found when the wait is over.
+                self._returned.clear()
+                await wait_for_event(self._clock, self._returned, wait)
+
+    def _warn_too_high(self) -> None:
+        log.warning(
+            "Engage answered 429 at rate_limit=%g: it is higher than this tenant allows; "
+            "slowing down for %s",
+            self.rate,
+            self._who_slows,
+        )
+
+
+class Budget(SharedBudget):
     """The request budget of one Engage key in this process, drawn from a shared file.
 
     Shared by every transport of the process with the same tenant, key and file, on one event
@@ -495,16 +586,8 @@ class Budget:
         clock: Clock,
         on_close: Callable[[], None] = lambda: None,
     ) -> None:
-        self.rate = rate
-        self.shape = shape(rate)
+        super().__init__(key, rate, clock, on_close)
         self._store = store
-        self._key = key
-        self._clock = clock
-        self._on_close = on_close
-        self._users = 0
-        self._turns = {priority: asyncio.Lock() for priority in Priority}
-        self._returned = asyncio.Event()
-        self._pacer = Pacer()
 
     # One per tenant, key, file and event loop in this process (asyncio locks belong to one
     # loop; processes and loops meet in the file).
@@ -534,9 +617,8 @@ class Budget:
             store = BudgetFile(Path(where) if where else None)
             budget = cls(store, key, rate, clock, on_close=forget)
             cls._registry[registry_key] = budget
-        elif rate < budget.rate:
-            log.warning("two rate_limit values for one Engage key in this process; using %g", rate)
-            budget.rate, budget.shape = rate, shape(rate)
+        else:
+            budget._lower_rate(rate)
         budget._users += 1
         return budget
 
@@ -574,28 +656,8 @@ class Budget:
             return None
         return self._take(priority)[0]
 
-    async def acquire(
-        self, priority: Priority, *, within: float | None = None, metrics: Metrics = NO_METRICS
-    ) -> Permit | None:
-        """Wait for a slot; None (and no slot) when none can be had within `within` seconds.
-        The wait is reported to `metrics`.
-        """
-        started = self._clock.monotonic()
-        deadline = None if within is None else started + within
-        async with self._turns[priority]:
-            while True:
-                permit, wait = self._take(priority)
-                now = self._clock.monotonic()
-                if permit is not None:
-                    metrics.rate_limit_wait(priority, now - started, admitted=True)
-                    return permit
-                if deadline is not None and now + wait > deadline:
-                    metrics.rate_limit_wait(priority, now - started, admitted=False)
-                    return None
-                # A slot given back in this process wakes the waiter at once; one given back
-                # elsewhere is found when the wait is over.
-                self._returned.clear()
-                await wait_for_event(self._clock, self._returned, wait)
+    async def _attempt(self, priority: Priority) -> tuple[Permit | None, float]:
+        return self._take(priority)
 
     def release(
         self, permit: Permit, *, rate_limited: bool = False, retry_after: float | None = None
@@ -607,19 +669,10 @@ class Budget:
         window = self.shape.window
 
         def change(record: Slots) -> bool:
-            give_back(record, permit.index, permit.taken, now, window)
-            if not rate_limited:
-                after_good_answer(record, now)
-                return False
-            cut = after_rate_limited(record, now, window, retry_after)
-            warn = cut and not record.rate_warned
-            record.rate_warned = record.rate_warned or cut
-            return warn
+            return settle(
+                record, permit, now, window, rate_limited=rate_limited, retry_after=retry_after
+            )
 
         if self._store.change(self._key, self.shape, change):
-            log.warning(
-                "Engage answered 429 at rate_limit=%g: it is higher than this tenant allows; "
-                "slowing down for every process on the outbox",
-                self.rate,
-            )
+            self._warn_too_high()
         self._returned.set()

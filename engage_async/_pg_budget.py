@@ -26,21 +26,17 @@ import attrs
 from ._budget import (
     Budget,
     BudgetFile,
-    Pacer,
     Permit,
     Priority,
     Record,
+    SharedBudget,
     Slots,
-    after_good_answer,
-    after_rate_limited,
     budget_key,
-    give_back,
-    shape,
+    settle,
     take,
 )
-from ._clock import SYSTEM_CLOCK, Clock, wait_for_event
+from ._clock import SYSTEM_CLOCK, Clock
 from ._config import url_without_password
-from ._metrics import NO_METRICS, Metrics
 from ._pg_outbox import import_asyncpg
 
 __all__ = ["PgBudget", "PgPermit"]
@@ -63,13 +59,14 @@ class PgPermit(Permit):
     shared: bool = True
 
 
-class PgBudget:
+class PgBudget(SharedBudget):
     """The request budget of one Engage key in this process, drawn from the database.
 
     It answers as `_budget.Budget` does (`try_acquire`, `acquire`, `release`); shared by every
     transport of the process with the same outbox and key, on one event loop.
     """
 
+    _who_slows = "every process on every host of the outbox"
     _registry: dict[tuple[str, str, bytes, int], PgBudget] = {}  # noqa: RUF012 - on purpose
 
     def __init__(
@@ -81,23 +78,15 @@ class PgBudget:
         clock: Clock,
         on_close: Callable[[], None] = lambda: None,
     ) -> None:
-        self.rate = rate
-        self.shape = shape(rate)
+        super().__init__(key, rate, clock, on_close)
         self._url = url
         self._schema = schema
-        self._key = key
-        self._clock = clock
-        self._on_close = on_close
-        self._users = 0
-        self._turns = {priority: asyncio.Lock() for priority in Priority}
-        self._returned = asyncio.Event()
         self._conn: Any = None
         self._conn_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._local = Budget(BudgetFile(None), key, rate, clock)
         self._down_until: float | None = None
         self._warned_mixed = False
-        self._pacer = Pacer()
 
     def __repr__(self) -> str:
         return f"<PgBudget {url_without_password(self._url)} schema {self._schema}>"
@@ -119,9 +108,8 @@ class PgBudget:
 
             budget = cls(url, schema, key, rate, clock, on_close=forget)
             cls._registry[registry_key] = budget
-        elif rate < budget.rate:
-            log.warning("two rate_limit values for one Engage key in this process; using %g", rate)
-            budget.rate, budget.shape = rate, shape(rate)
+        else:
+            budget._lower_rate(rate)
         budget._users += 1
         return budget
 
@@ -245,7 +233,7 @@ class PgBudget:
             self._conn.terminate()
             self._conn = None
 
-    async def _take(self, priority: Priority) -> tuple[PgPermit | None, float]:
+    async def _attempt(self, priority: Priority) -> tuple[PgPermit | None, float]:
         started = self._clock.monotonic()
         paced = self._pacer.wait(priority, started)
         if paced > 0:
@@ -284,27 +272,6 @@ class PgBudget:
         del priority
         return None
 
-    async def acquire(
-        self, priority: Priority, *, within: float | None = None, metrics: Metrics = NO_METRICS
-    ) -> Permit | None:
-        """Wait for a slot; None (and no slot) when none can be had within `within` seconds.
-        The wait is reported to `metrics`.
-        """
-        started = self._clock.monotonic()
-        deadline = None if within is None else started + within
-        async with self._turns[priority]:
-            while True:
-                permit, wait = await self._take(priority)
-                now = self._clock.monotonic()
-                if permit is not None:
-                    metrics.rate_limit_wait(priority, now - started, admitted=True)
-                    return permit
-                if deadline is not None and now + wait > deadline:
-                    metrics.rate_limit_wait(priority, now - started, admitted=False)
-                    return None
-                self._returned.clear()
-                await wait_for_event(self._clock, self._returned, wait)
-
     def release(
         self, permit: Permit, *, rate_limited: bool = False, retry_after: float | None = None
     ) -> None:
@@ -324,14 +291,9 @@ class PgBudget:
         window = self.shape.window
 
         def change(record: Slots, now: float) -> bool:
-            give_back(record, permit.index, permit.taken, now, window)
-            if not rate_limited:
-                after_good_answer(record, now)
-                return False
-            cut = after_rate_limited(record, now, window, retry_after)
-            warn = cut and not record.rate_warned
-            record.rate_warned = record.rate_warned or cut
-            return warn
+            return settle(
+                record, permit, now, window, rate_limited=rate_limited, retry_after=retry_after
+            )
 
         asyncpg = import_asyncpg()
         try:
@@ -343,8 +305,4 @@ class PgBudget:
         finally:
             self._returned.set()
         if warn:
-            log.warning(
-                "Engage answered 429 at rate_limit=%g: it is higher than this tenant allows; "
-                "slowing down for every process on every host of the outbox",
-                self.rate,
-            )
+            self._warn_too_high()

@@ -458,6 +458,26 @@ async def test_create_answer_without_a_readable_id_is_resolved_by_lookup(
     assert [1] == [row["lookup_first"] for row in outbox_rows(session.config.outbox_path)]
 
 
+@pytest.mark.parametrize("body", [{"id": "not-a-guid"}, None], ids=["malformed-id", "empty"])
+async def test_create_answer_without_a_readable_id_finds_the_contact_it_made(
+    fake: FakeEngage, session: ea.EngageSession, body: object
+) -> None:
+    """The same 201 when the contact is there by the time the session looks: the lookup's
+    GUID is the answer, delivered (not queued), and nothing waits in the outbox.
+    """
+    guid = fake.add_contact({"email": "anna@example.com"})
+    not_yet = {"errorCode": "ContactNotFound", "message": "no contact with that key"}
+    fake.inject(
+        "status", method="GET", path="/api/v3/contacts/id", status=404, body=not_yet, times=1
+    )
+    fake.inject("status", method="POST", status=201, body=b"" if body is None else body, times=1)
+
+    delivery = await session.create_contact({"email": "anna@example.com"})
+
+    assert (False, guid) == (delivery.queued, delivery.contact_id)
+    assert [] == outbox_rows(session.config.outbox_path)
+
+
 async def test_create_refused_with_422_is_raised_not_queued(
     fake: FakeEngage, session: ea.EngageSession
 ) -> None:
