@@ -8,18 +8,16 @@ that ties Engage's per-item failures to outbox rows.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from . import _http
 from ._background import BackgroundCalls
 from ._changes import Batch, Change, Operation
 from ._config import EngageConfig
-from ._errors import EngageHTTPError, OutboxError
-from ._flush_run import FlushRun
+from ._errors import EngageHTTPError
+from ._flush_run import FlushRun, work_through
 from ._redact import scrub
 
 __all__ = ["BatchFollower", "attribute_failures", "created_guids"]
@@ -98,27 +96,23 @@ class BatchFollower:
         batches = await store.claim_batches(
             run.owner, limit=_BATCHES_PER_STEP, lease_seconds=self.config.lease_seconds
         )
-        polled = 0
-        try:
-            for batch in batches:
-                call = _http.bulk_status(self.config.api_root, batch.batch_id)
-                try:
-                    data = await self._calls.request(call, run)
-                except EngageHTTPError as exc:
-                    if exc.status != 404:
-                        raise self._calls.outage_for(exc) from exc
-                    await self._settle_unknown(batch.batch_id, {"error": str(exc)}, run)
-                else:
-                    await self._after_poll(batch, data, run)
-                polled += 1
-        finally:
-            if polled < len(batches):
-                # An outage or a stop: the batches not polled go back as they were, so the
-                # next flusher need not wait for this one's lease to run out.
-                with contextlib.suppress(OutboxError):
-                    await asyncio.shield(
-                        store.unlease_batches(run.owner, [b.batch_id for b in batches[polled:]])
-                    )
+
+        async def poll_one(batch: Batch) -> None:
+            call = _http.bulk_status(self.config.api_root, batch.batch_id)
+            try:
+                data = await self._calls.request(call, run)
+            except EngageHTTPError as exc:
+                if exc.status != 404:
+                    raise self._calls.outage_for(exc) from exc
+                await self._settle_unknown(batch.batch_id, {"error": str(exc)}, run)
+            else:
+                await self._after_poll(batch, data, run)
+
+        async def unlease(rest: Sequence[Batch]) -> None:
+            # Not polled: back as they were.
+            await store.unlease_batches(run.owner, [b.batch_id for b in rest])
+
+        await work_through(batches, poll_one, unlease)
         return bool(batches)
 
     async def _after_poll(self, batch: Batch, data: Any, run: FlushRun) -> None:

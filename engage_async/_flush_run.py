@@ -9,19 +9,23 @@ that become the `FlushReport`, and whether Engage answered in the current step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import attrs
 
 from ._changes import Change, Operation
+from ._errors import OutboxError
 from ._metrics import NO_METRICS, OTHER, Metrics
 from ._models import FlushReport
 from ._store import Failures, OutboxStore
 
-__all__ = ["FlushRun", "Stopped"]
+__all__ = ["FlushRun", "Stopped", "work_through"]
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -226,3 +230,30 @@ def _codes(failures: Failures) -> str:
     for code, _ in failures.values():
         counts[code or "unknown"] = counts.get(code or "unknown", 0) + 1
     return ", ".join(f"{code} x{n}" for code, n in sorted(counts.items()))
+
+
+async def work_through(
+    items: Sequence[T],
+    work: Callable[[T], Awaitable[object]],
+    give_back: Callable[[Sequence[T]], Awaitable[object]],
+) -> None:
+    """Run `work` on each of `items` (claimed under this flusher's lease) in turn. When one
+    raises (an outage) or the flush is stopped, the items not yet worked go to `give_back` at
+    once, so the next flusher need not wait for this one's lease to run out.
+
+    The give-back finishes even if the caller is cancelled, and an `OutboxError` in it gives
+    way to the error that stopped the work.
+    """
+
+    async def give_back_quietly(rest: Sequence[T]) -> None:
+        with contextlib.suppress(OutboxError):
+            await give_back(rest)
+
+    done = 0
+    try:
+        for item in items:
+            await work(item)
+            done += 1
+    finally:
+        if done < len(items):
+            await asyncio.shield(give_back_quietly(items[done:]))

@@ -8,16 +8,14 @@ ref. A contact Engage never shows after many lookups is created again (looked up
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+from collections.abc import Sequence
 
 from ._background import BackgroundCalls, multiple_matches
 from ._changes import Change
 from ._config import EngageConfig
-from ._errors import MultipleMatches, OutboxError
-from ._flush_run import FlushRun
+from ._errors import MultipleMatches
+from ._flush_run import FlushRun, work_through
 from ._retry import background_delay
-from ._store import OutboxStore
 
 __all__ = ["Reconciler"]
 
@@ -37,16 +35,16 @@ class Reconciler:
         waiting = await store.claim_waiting(
             run.owner, limit=_LOOKUPS_PER_STEP, lease_seconds=self.config.lease_seconds
         )
-        looked_up = 0
-        try:
-            for change in waiting:
-                await self._look_up(change, run)
-                looked_up += 1
-        finally:
-            if looked_up < len(waiting):
-                # An outage or a stop: the rest is due again at once, uncounted and unleased,
-                # so the next flusher need not wait for this one's lease to run out.
-                await asyncio.shield(_give_back(store, waiting[looked_up:]))
+
+        async def look_up(change: Change) -> None:
+            await self._look_up(change, run)
+
+        async def due_again(rest: Sequence[Change]) -> None:
+            # Not looked up: due again at once, uncounted and unleased.
+            for change in rest:
+                await store.not_found_yet(change.seq, delay=0.0, count=False)
+
+        await work_through(waiting, look_up, due_again)
         return bool(waiting)
 
     async def _look_up(self, change: Change, run: FlushRun) -> None:
@@ -67,9 +65,3 @@ class Reconciler:
         else:
             delay = background_delay(self.config.background_delays, change.lookups)
             await store.not_found_yet(change.seq, delay=delay)
-
-
-async def _give_back(store: OutboxStore, changes: list[Change]) -> None:
-    with contextlib.suppress(OutboxError):  # the error that stopped the step matters more
-        for change in changes:
-            await store.not_found_yet(change.seq, delay=0.0, count=False)
