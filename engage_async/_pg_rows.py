@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import attrs
 
-from ._changes import Batch, Change, NewChange, Operation, Queued, State, dumps, loads
-from ._coalesce import merge_changes
+from ._changes import Batch, Change, NewChange, Operation, Queued, State, dumps
+from ._coalesce import fold_into, identity_of
 from ._create_policy import without_type
 from ._keys import contact_key, identity_key, is_ref, new_change_id
 from ._redact import scrub
@@ -286,14 +286,6 @@ async def create_of(conn: Conn, s: str, ref: str) -> Change | None:
     return None if row is None else _change(row)
 
 
-def _identity_of(
-    operation: Operation, key_name: str | None, key_value: str | None, contact_type: str | None
-) -> str | None:
-    if operation is not Operation.CREATE or not key_name or not key_value:
-        return None
-    return identity_key(key_name, key_value, contact_type)
-
-
 def _known_type_sql(s: str, key: str, ref: str) -> str:
     """The contact type an update's contact has, as far as the outbox knows: from the newest
     create or type change queued for it (by its contact key `key`, else its ref `ref`).
@@ -317,7 +309,7 @@ def _insert_values(change: NewChange, change_id: str) -> tuple[Any, ...]:
         change.contact_type,
         change.key_name,
         change.key_value,
-        _identity_of(change.operation, change.key_name, change.key_value, change.contact_type),
+        identity_of(change.operation, change.key_name, change.key_value, change.contact_type),
         dumps(change.body),
         dumps(change.query),
         change.lookup_first,
@@ -430,8 +422,8 @@ def _may_merge(change: NewChange) -> bool:
 async def enqueue(conn: Conn, s: str, space: int, change: NewChange) -> Queued:
     """Insert `change`, or merge it into what waits for the same contact (in a transaction)."""
     if change.operation is Operation.CREATE and change.key_name and change.key_value:
-        identity_of = identity_key(change.key_name, change.key_value, change.contact_type)
-        await _lock(conn, space, identity_of)
+        twin_identity = identity_key(change.key_name, change.key_value, change.contact_type)
+        await _lock(conn, space, twin_identity)
         twin = await _queued_create_row(
             conn, s, change.key_name, change.key_value, change.contact_type
         )
@@ -478,10 +470,9 @@ async def _merge_into_tail(
     changes: Mapping[str, Any],
     query: Mapping[str, str] | None = None,
 ) -> Queued | None:
-    """Fold `changes` into the contact's last waiting change if that is allowed, else None.
-
-    Allowed only into a pending create or update; the tail is locked first, so a flusher
-    cannot claim it between this read and the write (a claim skips a locked row).
+    """Fold `changes` into the contact's last waiting change where `fold_into` allows, else
+    None. The tail is locked first, so a flusher cannot claim it between this read and the
+    write (a claim skips a locked row).
     """
     tail = await conn.fetchrow(
         f"SELECT seq, change_id, ref, operation, state, body, folded, key_name, key_value,"
@@ -489,37 +480,25 @@ async def _merge_into_tail(
         " ORDER BY seq DESC LIMIT 1 FOR UPDATE",
         key,
     )
-    if tail is None or tail["state"] != State.PENDING:
+    fold = None if tail is None else fold_into(tail, changes, query)
+    if tail is None or fold is None:
         return None
-    if tail["operation"] == Operation.UPDATE and loads(tail["query"]) != (
-        dict(query) if query else None
-    ):
-        return None  # two updates that chose differently about Engage's exports
-    if tail["operation"] == Operation.UPDATE:
-        body = merge_changes(loads(tail["body"]) or {}, changes)
-        await conn.execute(
-            f"UPDATE {s}.changes SET body = $1, updated_at = {s}.clock() WHERE seq = $2",
-            dumps(body),
-            tail["seq"],
-        )
-    elif tail["operation"] == Operation.CREATE:
-        body = merge_changes(loads(tail["body"]) or {}, changes)
-        folded = merge_changes(loads(tail["folded"]) or {}, changes)
-        key_value = tail["key_value"]
-        corrected = changes.get(tail["key_name"]) if tail["key_name"] else None
-        if isinstance(corrected, str) and corrected.strip():
-            key_value = corrected
+    if fold.create:
         await conn.execute(
             f"UPDATE {s}.changes SET body = $1, folded = $2, key_value = $3, identity = $4,"
             f" updated_at = {s}.clock() WHERE seq = $5",
-            dumps(body),
-            dumps(folded),
-            key_value,
-            _identity_of(Operation.CREATE, tail["key_name"], key_value, tail["contact_type"]),
+            dumps(fold.body),
+            dumps(fold.folded),
+            fold.key_value,
+            fold.identity,
             tail["seq"],
         )
     else:
-        return None
+        await conn.execute(
+            f"UPDATE {s}.changes SET body = $1, updated_at = {s}.clock() WHERE seq = $2",
+            dumps(fold.body),
+            tail["seq"],
+        )
     return Queued(tail["change_id"], ref=tail["ref"], merged=True)
 
 

@@ -30,8 +30,8 @@ from typing import Any
 
 import attrs
 
-from ._changes import Batch, Change, NewChange, Operation, Queued, State, dumps, loads
-from ._coalesce import merge_changes
+from ._changes import Batch, Change, NewChange, Operation, Queued, State, dumps
+from ._coalesce import fold_into, identity_of
 from ._create_policy import without_type
 from ._keys import contact_key, identity_key, identity_matches, is_ref, new_change_id
 from ._redact import scrub
@@ -301,58 +301,25 @@ def _merge_into_tail(
     now: float,
     query: Mapping[str, str] | None = None,
 ) -> Queued | None:
-    """Fold `changes` into the contact's last waiting change if that is allowed, else None.
-
-    Allowed only into a pending (not leased) create or update: a row in flight may already be
-    on the wire, and a contact-type change is a barrier.
+    """Fold `changes` into the contact's last waiting change where `fold_into` allows, else
+    None.
     """
     tail = _tail(conn, contact_key)
-    if tail is None or tail["state"] != State.PENDING:
+    fold = None if tail is None else fold_into(tail, changes, query)
+    if tail is None or fold is None:
         return None
-    if tail["operation"] == Operation.UPDATE and loads(tail["query"]) != (
-        dict(query) if query else None
-    ):
-        # Two updates that chose differently about Engage's exports stay apart.
-        return None
-    if tail["operation"] == Operation.UPDATE:
-        body = merge_changes(loads(tail["body"]) or {}, changes)
-        conn.execute(
-            "UPDATE changes SET body = ?, updated_at = ? WHERE seq = ?",
-            (dumps(body), now, tail["seq"]),
-        )
-    elif tail["operation"] == Operation.CREATE:
-        body = merge_changes(loads(tail["body"]) or {}, changes)
-        folded = merge_changes(loads(tail["folded"]) or {}, changes)
-        key_value = tail["key_value"]
-        corrected = changes.get(tail["key_name"]) if tail["key_name"] else None
-        if isinstance(corrected, str) and corrected.strip():
-            # The contact will be created with the corrected key, so that is what its GUID is
-            # looked up by and what a second create for it must match.
-            key_value = corrected
+    if fold.create:
         conn.execute(
             "UPDATE changes SET body = ?, folded = ?, key_value = ?, identity = ?, "
             "updated_at = ? WHERE seq = ?",
-            (
-                dumps(body),
-                dumps(folded),
-                key_value,
-                _identity_of(Operation.CREATE, tail["key_name"], key_value, tail["contact_type"]),
-                now,
-                tail["seq"],
-            ),
+            (dumps(fold.body), dumps(fold.folded), fold.key_value, fold.identity, now, tail["seq"]),
         )
     else:
-        return None
+        conn.execute(
+            "UPDATE changes SET body = ?, updated_at = ? WHERE seq = ?",
+            (dumps(fold.body), now, tail["seq"]),
+        )
     return Queued(tail["change_id"], ref=tail["ref"], merged=True)
-
-
-def _identity_of(
-    operation: Operation, key_name: str | None, key_value: str | None, contact_type: str | None
-) -> str | None:
-    """The identity-map key a create is matched by; None for other changes and keyless ones."""
-    if operation is not Operation.CREATE or not key_name or not key_value:
-        return None
-    return identity_key(key_name, key_value, contact_type)
 
 
 def _known_type(conn: sqlite3.Connection, change: NewChange) -> str | None:
@@ -393,7 +360,7 @@ def _insert(conn: sqlite3.Connection, change: NewChange, now: float) -> Queued:
             contact_type,
             change.key_name,
             change.key_value,
-            _identity_of(change.operation, change.key_name, change.key_value, change.contact_type),
+            identity_of(change.operation, change.key_name, change.key_value, change.contact_type),
             dumps(change.body),
             dumps(change.query),
             int(change.lookup_first),

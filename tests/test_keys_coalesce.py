@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from engage_async._coalesce import merge_changes
+from engage_async._coalesce import Fold, fold_into, merge_changes
 from engage_async._keys import (
     LOOKUP_PARAMETERS,
     choose_key,
@@ -307,3 +307,95 @@ def test_merge_modifies_neither_input() -> None:
     merge_changes(earlier, later)
 
     assert before == (earlier, later)
+
+
+# --- fold_into: what a new update does to the contact's last waiting row ---------------------
+
+
+def tail(**fields: Any) -> dict[str, Any]:
+    """A waiting row as the outboxes read it (JSON columns as text)."""
+    row: dict[str, Any] = {
+        "state": "pending",
+        "operation": "update",
+        "body": '{"city":"Kiruna"}',
+        "folded": None,
+        "query": None,
+        "key_name": None,
+        "key_value": None,
+        "contact_type": None,
+    }
+    row.update(fields)
+    return row
+
+
+def test_an_update_joins_a_pending_update_with_the_later_values() -> None:
+    """A pending update takes the new values on top of its own."""
+    fold = fold_into(tail(), {"city": "Lund", "zip": "22100"})
+
+    assert Fold({"city": "Lund", "zip": "22100"}) == fold
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        tail(state="inflight"),
+        tail(state="waiting_guid"),
+        tail(operation="contact_type", body=None),
+        tail(operation="promote", body="{}"),
+        tail(query='{"avoidTriggeringExport":"true"}'),
+    ],
+    ids=["in-flight", "waiting-guid", "type-change", "promote", "other-export-choice"],
+)
+def test_an_update_never_joins_a_row_it_must_not_change(row: dict[str, Any]) -> None:
+    """Rows in flight, waiting for a GUID, barriers, and updates that chose otherwise about
+    Engage's exports are left alone: the update is queued behind them.
+    """
+    assert fold_into(row, {"city": "Lund"}) is None
+
+
+def test_updates_with_the_same_export_choice_join() -> None:
+    """Two updates that both keep out of Engage's exports become one."""
+    row = tail(query='{"avoidTriggeringExport":"true"}')
+
+    fold = fold_into(row, {"city": "Lund"}, {"avoidTriggeringExport": "true"})
+
+    assert fold is not None
+    assert {"city": "Lund"} == fold.body
+
+
+def test_an_update_folded_into_a_create_corrects_its_key_and_identity() -> None:
+    """A corrected email folded into a queued create becomes the key it is created and
+    matched by.
+    """
+    create = tail(
+        operation="create",
+        body='{"email":"anna@exampel.com","firstName":"Anna"}',
+        folded=None,
+        key_name="email",
+        key_value="anna@exampel.com",
+        contact_type="Member",
+    )
+
+    fold = fold_into(create, {"email": "anna@example.com"})
+
+    assert fold is not None
+    assert (True, "anna@example.com") == (fold.create, fold.key_value)
+    assert identity_key("email", "anna@example.com", "Member") == fold.identity
+    assert {"email": "anna@example.com"} == fold.folded
+    assert {"email": "anna@example.com", "firstName": "Anna"} == fold.body
+
+
+def test_a_blank_key_in_the_update_leaves_the_creates_key_alone() -> None:
+    """A blank key value is no correction: the create keeps its key."""
+    create = tail(
+        operation="create",
+        body='{"email":"anna@example.com"}',
+        key_name="email",
+        key_value="anna@example.com",
+        contact_type="Member",
+    )
+
+    fold = fold_into(create, {"email": "  ", "city": "Lund"})
+
+    assert fold is not None
+    assert "anna@example.com" == fold.key_value
