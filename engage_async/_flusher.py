@@ -51,7 +51,7 @@ from ._models import FlushReport
 from ._outboxes import open_outbox
 from ._reconciler import Reconciler
 from ._retry import background_delay
-from ._sender import Sender, affordable
+from ._sender import Sender
 from ._sftp import XmlUploader
 from ._store import OutboxStore
 from ._transport import Transport
@@ -433,12 +433,7 @@ class OutboxFlusher:
             run.bulk_backlog = backlog >= threshold
         # No more than the step can send in the shutdown time; the rest is claimed again next.
         requests = max(1, math.floor(self.config.rate_limit * self.config.shutdown_timeout))
-        claimed, spare = affordable(
-            claimed,
-            bulk=run.bulk_backlog or self.config.fallback_mode == "xml",
-            requests=requests,
-            types_assumed=self.config.assume_default_contact_type,
-        )
+        claimed, spare = self._sender.affordable(claimed, run, requests=requests)
         await run.release(spare)
         await self._sender.send(claimed, run)
         return True

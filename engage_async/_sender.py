@@ -194,6 +194,23 @@ class Sender:
         # a poisonous change shows itself instead of failing every batch it is in.
         self._single_next = False
 
+    def _ways(self, run: FlushRun) -> tuple[bool, bool]:
+        """(xml, bulk): whether this step writes files, and whether its API writes go in bulk."""
+        xml = self.config.fallback_mode == "xml" or self.bulk_refused
+        return xml, run.bulk_backlog and not self._single_next
+
+    def affordable(
+        self, claimed: Sequence[Change], run: FlushRun, *, requests: int
+    ) -> tuple[list[Change], list[Change]]:
+        """`affordable` for this step, judged the way `send` will send it."""
+        xml, bulk = self._ways(run)
+        return affordable(
+            claimed,
+            bulk=bulk or xml,
+            requests=requests,
+            types_assumed=self.config.assume_default_contact_type,
+        )
+
     async def send(self, claimed: list[Change], run: FlushRun) -> None:
         """Settle or send every claimed change."""
         orphans = {
@@ -209,12 +226,13 @@ class Sender:
             c for c in live if c.operation in {Operation.CONTACT_TYPE, Operation.PROMOTE}
         ]
         to_create, became_updates = await self._look_up_creates(creates, run)
+        xml, bulk = self._ways(run)
         routes = route(
             to_create,
             [*updates, *became_updates],
             type_changes,
-            xml=self.config.fallback_mode == "xml" or self.bulk_refused,
-            bulk=run.bulk_backlog and not self._single_next,
+            xml=xml,
+            bulk=bulk,
             types_assumed=self.config.assume_default_contact_type,
         )
         self._single_next = False
