@@ -105,7 +105,7 @@ class OutboxFlusher:
         calls = BackgroundCalls(config, self._transport, clock)
         self._batches = BatchFollower(config, calls)
         self._reconciler = Reconciler(config, calls)
-        self._export = XmlExport(config)
+        self._export = XmlExport(config, clock=clock)
         self._sender = Sender(config, calls, self._export)
         self._store: OutboxStore | None = None
         self._lifecycle = Lifecycle("OutboxFlusher")

@@ -316,12 +316,14 @@ def _header(headers: Mapping[str, str], wanted: str) -> str | None:
     return None
 
 
-def retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds a ``Retry-After`` header asks to wait (seconds or an HTTP date), if any."""
-    return _parse_retry_after(_header(headers, "retry-after"))
+def retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """Seconds a ``Retry-After`` header asks to wait (seconds or an HTTP date, counted from
+    `now`, epoch seconds, by default the system's clock), if any.
+    """
+    return _parse_retry_after(_header(headers, "retry-after"), now)
 
 
-def _parse_retry_after(value: str | None) -> float | None:
+def _parse_retry_after(value: str | None, now: float | None = None) -> float | None:
     if value is None:
         return None
     try:
@@ -334,7 +336,8 @@ def _parse_retry_after(value: str | None) -> float | None:
         return None
     if when.tzinfo is None:  # "-0000" means "UTC, source unknown" in RFC 5322
         when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    current = datetime.now(UTC) if now is None else datetime.fromtimestamp(now, UTC)
+    return max(0.0, (when - current).total_seconds())
 
 
 def _echoes(call: Call, answer: str) -> tuple[str, ...]:

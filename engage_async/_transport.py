@@ -163,7 +163,9 @@ class Transport:
             budget.release(
                 permit,
                 rate_limited=throttled,
-                retry_after=retry_after(answer[1]) if throttled and answer else None,
+                retry_after=(
+                    retry_after(answer[1], self._clock.wall()) if throttled and answer else None
+                ),
             )
         return answer
 

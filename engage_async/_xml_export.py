@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ import attrs
 from . import _xmlfiles
 from ._background import Outage
 from ._changes import Change, Operation
+from ._clock import SYSTEM_CLOCK, Clock
 from ._config import EngageConfig
 from ._flush_run import FlushRun
 from ._store import Failures
@@ -63,9 +65,14 @@ class XmlExport:
     """
 
     def __init__(
-        self, config: EngageConfig, *, avoid_triggering_export: bool | None = None
+        self,
+        config: EngageConfig,
+        *,
+        avoid_triggering_export: bool | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.config = config
+        self._clock = clock
         if avoid_triggering_export is None:
             avoid_triggering_export = config.avoid_triggering_export
         self.avoid_triggering_export = avoid_triggering_export
@@ -216,7 +223,7 @@ class XmlExport:
 
     async def _export(self, file: _File, run: FlushRun) -> None:
         """Plan `file` under a free name, then write and record it."""
-        stamp = _xmlfiles.stamp()
+        stamp = _xmlfiles.stamp(datetime.fromtimestamp(self._clock.wall(), UTC))
         name = await self._disk(_xmlfiles.free_name, self.directory, stamp)
         while True:
             outcome = await run.store.plan_export(

@@ -663,6 +663,16 @@ def test_retry_after_http_date(contact_call: Call, frozen_now: datetime) -> None
     assert 120.0 == exc.retry_after
 
 
+def test_retry_after_http_date_is_counted_from_the_clock_given() -> None:
+    """The transport passes its (injected) wall clock: a date is counted from it, not from
+    the system's time.
+    """
+    headers = {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}
+    then = datetime(2015, 10, 21, 7, 28, tzinfo=UTC).timestamp()
+
+    assert 90.0 == _http.retry_after(headers, now=then - 90)
+
+
 def test_retry_after_http_date_in_the_past_is_zero(
     contact_call: Call, frozen_now: datetime
 ) -> None:

@@ -19,11 +19,12 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import make_config
+from helpers import FakeClock, make_config
 from lxml import etree
 
 import engage_async as ea
@@ -585,6 +586,27 @@ def umask(value: int) -> Iterator[None]:
         yield
     finally:
         os.umask(previous)
+
+
+async def test_a_files_name_carries_the_flushers_clock_in_utc(
+    fake: FakeEngage, tmp_path: Path
+) -> None:
+    """The timestamp in an import file's name is the flusher's wall clock, in UTC, so a
+    clock moved by a test (or a host in another time zone) names files predictably.
+    """
+    config = xml_config(fake, tmp_path)
+    await create_outbox(config)
+    insert(config, plain_create("stamped@example.com"))
+    clock = FakeClock(wall=1_900_000_000.0)  # 2030-03-17 17:46:40 UTC
+
+    async with ea.OutboxFlusher(config, clock=clock) as flusher:
+        await flusher.flush_once()
+
+    [name] = [path.name for path in files(config)]
+    stamp, sequence, _ = name.split("_", 2)
+    written = datetime.strptime(stamp, "%Y%m%d%H%M%S").replace(tzinfo=UTC).timestamp()
+    # The flush's own waits moved the clock on a little.
+    assert ("1", True) == (sequence, 1_900_000_000.0 <= written <= clock.wall())
 
 
 @pytest.mark.parametrize("mask", [0o000, 0o022])
