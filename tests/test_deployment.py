@@ -1,4 +1,5 @@
-"""The real deployment, run as subprocesses on one outbox against one `FakeEngage`.
+"""The real deployment, run as subprocesses on one outbox against one `FakeEngage`, on either
+outbox backend (a SQLite file, or a PostgreSQL schema every process reaches by URL).
 
 Three app processes (``tests/scripts/deploy_app.py``; the first runs an in-app flusher), an
 ``engage-async flush`` sidecar and ``engage-async outbox stats`` runs, all configured by the
@@ -20,7 +21,6 @@ import contextlib
 import os
 import re
 import signal
-import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -29,12 +29,22 @@ from typing import Any, Final
 
 import attrs
 import pytest
-from helpers import SCRIPTS, make_config, read_line, start_script, stop_process
+from helpers import (
+    BACKENDS,
+    SCRIPTS,
+    execute,
+    make_config,
+    outbox_rows,
+    query,
+    read_line,
+    start_script,
+    stop_process,
+)
 
 import engage_async as ea
 from engage_async.testing import FakeEngage
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.parametrize("backend", BACKENDS, indirect=True)]
 
 APP: Final = SCRIPTS / "deploy_app.py"
 # Startup of a fresh interpreter with aiohttp and lxml is the slow part.
@@ -53,12 +63,13 @@ TROUBLE: Final = re.compile(
 STATS_LINE: Final = re.compile(r"(pending|inflight|waiting_guid|done|dead)\s+(\d+)")
 
 
-def deployment_env(fake: FakeEngage, outbox: Path, rate: float) -> dict[str, str]:
+def deployment_env(fake: FakeEngage, config: ea.EngageConfig, rate: float) -> dict[str, str]:
     """The ``ENGAGE_*`` variables every process of the deployment shares.
 
     Engage's own waits are shortened so the test takes seconds: the flushers' pause after an
     outage, the breaker's cooldown, the batch polls. The rest are the defaults (lease,
-    shutdown timeout, bulk threshold, interactive deadline, durability).
+    shutdown timeout, bulk threshold, interactive deadline, durability). The outbox is the
+    one `config` names: a file by its absolute path, or a PostgreSQL URL and schema.
     """
     env = {name: value for name, value in os.environ.items() if not name.startswith("ENGAGE_")}
     env.update(
@@ -66,8 +77,7 @@ def deployment_env(fake: FakeEngage, outbox: Path, rate: float) -> dict[str, str
             "ENGAGE_BASE_URL": fake.url,
             "ENGAGE_API_KEY": fake.api_key,
             "ENGAGE_USER_AGENT": "DeploymentTest/1.0",
-            "ENGAGE_OUTBOX": str(outbox),
-            "ENGAGE_XML_DIR": str(outbox.parent / "xml"),
+            "ENGAGE_XML_DIR": str(config.xml_dir),
             "ENGAGE_RATE_LIMIT": f"{rate:g}",
             "ENGAGE_BACKGROUND_DELAYS": "0.5,1",
             "ENGAGE_BREAKER_COOLDOWN": "1",
@@ -76,6 +86,12 @@ def deployment_env(fake: FakeEngage, outbox: Path, rate: float) -> dict[str, str
             "ENGAGE_POLL_INTERVAL": "0.2",
         }
     )
+    if config.outbox_url is not None:
+        env.update(
+            {"ENGAGE_OUTBOX_URL": config.outbox_url, "ENGAGE_OUTBOX_SCHEMA": config.outbox_schema}
+        )
+    else:
+        env["ENGAGE_OUTBOX"] = str(config.outbox_path)
     return env
 
 
@@ -135,14 +151,15 @@ class Deployment:
     """The processes on one outbox, and the stats runs made meanwhile."""
 
     fake: FakeEngage
-    outbox: Path
+    config: ea.EngageConfig
+    directory: Path
     env: dict[str, str]
     processes: list[Process] = attrs.field(factory=list)
     stats_runs: list[tuple[int, str]] = attrs.field(factory=list)
 
     async def start_app(self, name: str, *, flusher: bool = False) -> Process:
         """Start an app process (with an in-app flusher if asked); returns once it is open."""
-        log = self.outbox.parent / f"{name}.log"
+        log = self.directory / f"{name}.log"
         args = [name, "--flusher"] if flusher else [name]
         process = Process(name, await start_script(APP, *args, env=self.env, log=log), log)
         self.processes.append(process)
@@ -152,7 +169,7 @@ class Deployment:
 
     async def start_sidecar(self) -> Process:
         """Start ``engage-async flush``, configured by the environment only."""
-        log = self.outbox.parent / "sidecar.log"
+        log = self.directory / "sidecar.log"
         with log.open("ab") as output:
             child = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -212,9 +229,7 @@ class Deployment:
 
     def rows(self) -> list[dict[str, object]]:
         """Every row of the outbox, read with a connection of the test's own."""
-        with contextlib.closing(sqlite3.connect(self.outbox)) as conn:
-            conn.row_factory = sqlite3.Row
-            return [dict(row) for row in conn.execute("SELECT * FROM changes ORDER BY seq")]
+        return outbox_rows(self.config)
 
     def states(self) -> dict[str, int]:
         """How many rows are in each state."""
@@ -245,8 +260,8 @@ async def deployment(tmp_path: Path, rate: float) -> AsyncIterator[Deployment]:
     every process still running at the end is killed.
     """
     async with FakeEngage(rate_limit=rate) as fake:
-        outbox = tmp_path / "outbox.sqlite3"
-        setup = Deployment(fake, outbox, deployment_env(fake, outbox, rate))
+        config = make_config(fake.url, fake.api_key, tmp_path)
+        setup = Deployment(fake, config, tmp_path, deployment_env(fake, config, rate))
         try:
             yield setup
         finally:
@@ -465,11 +480,11 @@ async def test_sigterm_after_a_bulk_batch_was_accepted_leaves_it_to_the_next_flu
         await sidecar.terminate()
         await app.terminate()
         left = setup.rows()
-        with contextlib.closing(sqlite3.connect(setup.outbox)) as conn:
-            batch_leases = [owner for (owner,) in conn.execute("SELECT lease_owner FROM batches")]
+        batch_leases = [
+            row["lease_owner"] for row in query(setup.config, "SELECT lease_owner FROM batches")
+        ]
         # The minute passes.
-        with contextlib.closing(sqlite3.connect(setup.outbox)) as conn, conn:
-            conn.execute("UPDATE batches SET next_poll_at = 0")
+        execute(setup.config, "UPDATE batches SET next_poll_at = 0")
         await setup.flush_once(ENGAGE_BATCH_POLL_INITIAL="0.1", ENGAGE_BATCH_POLL_MAX="0.2")
 
         emails = [f"a1-bulk-{i}@example.com" for i in range(40)]
