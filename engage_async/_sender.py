@@ -17,7 +17,6 @@ reason.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -103,14 +102,25 @@ def route(
             xml_creates=tuple(creates), xml_updates=tuple(updates), not_in_xml=tuple(type_changes)
         )
 
-    def alone(change: Change) -> bool:
-        return _goes_alone(change, bulk=bulk, types_assumed=types_assumed)
-
+    singles: list[Change] = []
+    bulk_creates: list[Change] = []
+    bulk_updates: list[Change] = []
+    # Each change is judged once: a step holds thousands.
+    for changes, in_bulk in ((creates, bulk_creates), (updates, bulk_updates)):
+        for change in changes:
+            goes = (
+                singles if _goes_alone(change, bulk=bulk, types_assumed=types_assumed) else in_bulk
+            )
+            goes.append(change)
     return Routes(
-        singles=(*(c for c in (*creates, *updates) if alone(c)), *type_changes),
-        bulk_creates=tuple(c for c in creates if not alone(c)),
-        bulk_updates=tuple(c for c in updates if not alone(c)),
+        singles=(*singles, *type_changes),
+        bulk_creates=tuple(bulk_creates),
+        bulk_updates=tuple(bulk_updates),
     )
+
+
+# Operations the bulk API has no endpoint for.
+_ALWAYS_ALONE = frozenset({Operation.CONTACT_TYPE, Operation.PROMOTE})
 
 
 def _goes_alone(change: Change, *, bulk: bool, types_assumed: bool) -> bool:
@@ -123,7 +133,7 @@ def _goes_alone(change: Change, *, bulk: bool, types_assumed: bool) -> bool:
             and change.contact_type is None
             and not types_assumed
         )
-        or change.operation in {Operation.CONTACT_TYPE, Operation.PROMOTE}
+        or change.operation in _ALWAYS_ALONE
     )
 
 
@@ -470,15 +480,13 @@ class Sender:
         """Send creates or updates through the bulk endpoint, one request per contact type
         (and, for updates, per choice of `avoidTriggeringExport`).
         """
-
-        def group_of(change: Change) -> tuple[str, bool]:
-            contact_type = change.contact_type or self.config.default_contact_type
-            return contact_type, change.avoids_export(self.config.avoid_triggering_export)
-
-        for (group_type, avoid_export), group in itertools.groupby(
-            sorted(changes, key=group_of), key=group_of
-        ):
-            members = list(group)
+        default_type = self.config.default_contact_type
+        configured = self.config.avoid_triggering_export
+        groups: dict[tuple[str, bool], list[Change]] = {}
+        for change in changes:
+            key = (change.contact_type or default_type, change.avoids_export(configured))
+            groups.setdefault(key, []).append(change)
+        for (group_type, avoid_export), members in sorted(groups.items()):
             for first in range(0, len(members), self.config.bulk_max_items):
                 chunk = members[first : first + self.config.bulk_max_items]
                 items = [self._bulk_item(kind, c) for c in chunk]
