@@ -16,13 +16,14 @@ process holds it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sqlite3
 import stat
 import threading
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -44,6 +45,33 @@ def _describe(exc: BaseException) -> str:
 def _not_a_database(exc: sqlite3.Error) -> bool:
     """SQLite's verdict on a file that is not SQLite at all (it reads the header itself)."""
     return isinstance(exc, sqlite3.DatabaseError) and "not a database" in str(exc)
+
+
+def _refused_at_once(exc: OutboxError) -> bool:
+    """Did SQLite answer "busy" or "locked" without waiting? It does for a moment's exclusive
+    lock (a new file switched to WAL while another process reads it), busy_timeout or not.
+    """
+    cause = exc.__cause__
+    return isinstance(cause, sqlite3.OperationalError) and (
+        getattr(cause, "sqlite_errorcode", 0) & 0xFF in {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
+    )
+
+
+async def _patiently(attempt: Callable[[], Awaitable[T]], seconds: float) -> T:
+    """`attempt()`, again after a short wait while SQLite refuses it at once for another
+    process's lock, for up to `seconds` (the busy timeout it would otherwise have waited).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    delay = 0.005
+    while True:
+        try:
+            return await attempt()
+        except OutboxError as exc:
+            if not _refused_at_once(exc) or loop.time() + delay > deadline:
+                raise
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.1)
 
 
 def damaged(exc: BaseException) -> bool:
@@ -191,7 +219,7 @@ class Database:
         try:
             await db.run(wait_for_locks)
             try:
-                await db.run(prepare)
+                await _patiently(lambda: db.run(prepare), busy_timeout)
             except OutboxError as exc:
                 cause = exc.__cause__
                 if isinstance(cause, sqlite3.Error) and _not_a_database(cause):
@@ -203,7 +231,7 @@ class Database:
                     raise _damaged(path, str(exc)) from exc.__cause__
                 raise
             _tighten_mode(path)
-            await db.run(configure)
+            await _patiently(lambda: db.run(configure), busy_timeout)
         except BaseException:
             await db.close()
             raise

@@ -78,3 +78,45 @@ def test_stats_from_another_process_leaves_a_holders_files_in_place(tmp_path: Pa
     assert 0 == child.returncode, errors
     assert [["-wal", "-shm"]] * len(seen) == seen, errors
     assert ["ok 3"] * 3 == results, errors
+
+
+OPENER = Path(__file__).parent / "scripts" / "open_at_once.py"
+
+
+@pytest.mark.slow
+def test_workers_starting_at_once_all_open_one_new_outbox(tmp_path: Path) -> None:
+    """Several app workers start together and each opens (the first creates) the same new
+    outbox, round after round on fresh files: every one of them opens it. (Switching a new
+    file to WAL needs a moment's exclusive lock, which SQLite may refuse at once instead of
+    waiting. Seen as "database is locked" when four workers started together.
+    """
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(OPENER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(6)
+    ]
+    watchdog = threading.Timer(WATCHDOG_SECONDS, lambda: [w.kill() for w in workers])
+    watchdog.start()
+    try:
+        assert ["ready"] * len(workers) == [read_line(w) for w in workers]
+        outcomes = []
+        for round_number in range(8):
+            path = tmp_path / f"outbox-{round_number}.sqlite3"
+            for worker in workers:
+                assert worker.stdin is not None
+                worker.stdin.write(f"go {path}\n")
+            for worker in workers:
+                assert worker.stdin is not None
+                worker.stdin.flush()
+            outcomes += [read_line(w) for w in workers]
+    finally:
+        watchdog.cancel()
+        for worker in workers:
+            if worker.stdin is not None:
+                worker.stdin.close()
+            worker.wait(timeout=WATCHDOG_SECONDS)
+            if worker.stdout is not None:
+                worker.stdout.close()
+
+    assert [] == [outcome for outcome in outcomes if outcome != "opened"]
