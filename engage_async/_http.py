@@ -267,6 +267,8 @@ _PERSONAL_PARAMETERS: Final = frozenset(LOOKUP_PARAMETERS.values())
 # Shorter sent values are not masked where an answer repeats them: "SE" or "12" would blank
 # out half of an error message, and say nothing about a person.
 _SHORTEST_ECHO: Final = 3
+# Printable ASCII without a quote or backslash: JSON writes it unchanged.
+_PLAIN_JSON = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]*")
 _SHORTEST_NUMBER_ECHO: Final = 6
 # Details are kept from error bodies up to this size; Engage's are a few hundred bytes.
 _MAX_DETAILS_BODY: Final = 256 * 1024
@@ -354,13 +356,19 @@ def _echoes(call: Call, answer: str) -> tuple[str, ...]:
         for name, value in call.query
         if name in _PERSONAL_PARAMETERS and len(value) >= _SHORTEST_ECHO
     ]
-    if call.body:
-        groups += [
-            (text, json.dumps(text)[1:-1], json.dumps(text, ensure_ascii=False)[1:-1])
-            for text in _sent_texts(call.body)
-        ]
+    if call.body and answer.strip():
+        groups += [_json_forms(text) for text in _sent_texts(call.body)]
     forms = {form for group in groups if any(form in answer for form in group) for form in group}
     return tuple(sorted(forms, key=len, reverse=True))
+
+
+def _json_forms(text: str) -> tuple[str, ...]:
+    """`text` as it is, and as JSON writes it (escaped to ASCII or not). Most texts are
+    plain ASCII, which JSON writes as they are: a bulk body holds thousands.
+    """
+    if _PLAIN_JSON.fullmatch(text):
+        return (text,)
+    return (text, json.dumps(text)[1:-1], json.dumps(text, ensure_ascii=False)[1:-1])
 
 
 def _sent_texts(body: bytes) -> set[str]:
