@@ -351,7 +351,7 @@ def _echoes(call: Call, answer: str) -> tuple[str, ...]:
     Only the values the answer repeats are kept: a bulk body sends thousands, and each kept
     one is replaced in every text taken from the answer.
     """
-    groups = [
+    groups: list[tuple[str, ...]] = [
         (value, quote(value, safe=""), quote_plus(value))
         for name, value in call.query
         if name in _PERSONAL_PARAMETERS and len(value) >= _SHORTEST_ECHO
