@@ -6,18 +6,26 @@ assert on time. Each script runs on its own: ``python benchmarks/<name>.py --hel
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import multiprocessing
 import os
 import platform
 import resource
+import sqlite3
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import engage_async as ea
+from engage_async import _rows
+from engage_async._changes import NewChange, Operation
+from engage_async._outbox import SqliteOutbox
 
 USER_AGENT = "EngageAsyncBench/1.0"
 # A realistic small update body: what a shop's "edit my profile" page would send.
@@ -116,3 +124,58 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
 
 def verdict(met: bool) -> str:
     return "met" if met else "MISSED"
+
+
+# Why an update waits in the outboxes the benchmarks fill: what the session records.
+REASON = "EngageConnectionError: PATCH /api/v3/contacts/{id}: cannot connect to Engage"
+
+
+async def fill_outbox(
+    path: Path, ids: Sequence[str], body_of: Callable[[int], dict[str, Any]]
+) -> None:
+    """Queue one update per contact (`body_of(index)`) with the outbox's own enqueue code,
+    many per commit, so the rows are exactly what a session writes while Engage is down.
+    """
+    outbox = await SqliteOutbox.open(path)
+    try:
+        now = time.time()
+
+        def enqueue_all(changes: list[NewChange], conn: sqlite3.Connection) -> None:
+            for change in changes:
+                _rows.enqueue(conn, change, now)
+
+        for start in range(0, len(ids), 10_000):
+            changes = [
+                NewChange(
+                    Operation.UPDATE,
+                    contact_key=f"id:{guid}",
+                    body=body_of(index),
+                    contact_id=guid,
+                    reason=REASON,
+                )
+                for index, guid in enumerate(ids[start : start + 10_000], start)
+            ]
+            await outbox._write(functools.partial(enqueue_all, changes))
+    finally:
+        await outbox.close()
+
+
+@contextlib.asynccontextmanager
+async def child_process(target: Callable[..., None], *args: Any) -> AsyncIterator[Connection]:
+    """Run `target(pipe, *args)` in a spawned child (a fake Engage, so that its CPU and memory
+    are not the client's); yield this end of the pipe. At the end the child is told
+    ``("stop",)`` and killed if it lingers.
+    """
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    process = context.Process(target=target, args=(child, *args), daemon=True)
+    process.start()
+    child.close()  # so that a child dying early reads as EOFError here, not as a hang
+    try:
+        yield parent
+    finally:
+        with contextlib.suppress(OSError):
+            parent.send(("stop",))
+        process.join(10)
+        if process.is_alive():
+            process.kill()

@@ -42,7 +42,6 @@ import contextlib
 import functools
 import json
 import math
-import multiprocessing
 import sqlite3
 import tempfile
 import time
@@ -53,7 +52,7 @@ from typing import Any
 
 import aiohttp
 import attrs
-from _common import UPDATE_BODY, USER_AGENT, machine, print_table, verdict
+from _common import UPDATE_BODY, USER_AGENT, child_process, machine, print_table, verdict
 
 import engage_async as ea
 from engage_async.testing import FakeEngage
@@ -145,19 +144,8 @@ class RemoteFake:
 
 @contextlib.asynccontextmanager
 async def running_fake() -> AsyncIterator[RemoteFake]:
-    context = multiprocessing.get_context("spawn")
-    parent, child = context.Pipe()
-    process = context.Process(target=serve_fake, args=(child,), daemon=True)
-    process.start()
-    child.close()
-    try:
-        yield await asyncio.get_running_loop().run_in_executor(None, RemoteFake, parent)
-    finally:
-        with contextlib.suppress(OSError):
-            parent.send(("stop",))
-        process.join(10)
-        if process.is_alive():
-            process.kill()
+    async with child_process(serve_fake) as pipe:
+        yield await asyncio.get_running_loop().run_in_executor(None, RemoteFake, pipe)
 
 
 # --- a workload ----------------------------------------------------------------------------------

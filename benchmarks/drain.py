@@ -27,8 +27,6 @@ import contextlib
 import functools
 import gc
 import json
-import multiprocessing
-import sqlite3
 import tempfile
 import threading
 import time
@@ -41,6 +39,8 @@ import aiohttp
 from _common import (
     UPDATE_BODY,
     USER_AGENT,
+    child_process,
+    fill_outbox,
     fsync_probe,
     machine,
     make_config,
@@ -51,16 +51,12 @@ from _common import (
 )
 
 import engage_async as ea
-from engage_async import _rows
-from engage_async._changes import NewChange, Operation
-from engage_async._outbox import SqliteOutbox
 from engage_async.testing import FakeEngage
 
 RATE_TARGET = 5000.0
 RSS_TARGET_MB = 100.0
 BULK_MAX = 4000
 # Why the session queued these: what it records after a refused connection.
-REASON = "EngageConnectionError: PATCH /api/v3/contacts/{id}: cannot connect to Engage"
 
 
 def body_for(marker: str, index: int) -> dict[str, Any]:
@@ -138,45 +134,8 @@ async def running_fake(count: int, *, in_process: bool) -> Any:
         async with FakeEngage(rate_limit=None, record_requests=False) as fake:
             yield LocalFake(fake, seed(fake, count))
         return
-    context = multiprocessing.get_context("spawn")
-    parent, child = context.Pipe()
-    process = context.Process(target=serve_fake, args=(child, count), daemon=True)
-    process.start()
-    child.close()  # so that a child dying early reads as EOFError here, not as a hang
-    try:
-        yield await asyncio.get_running_loop().run_in_executor(None, RemoteFake, parent)
-    finally:
-        with contextlib.suppress(OSError):
-            parent.send(("stop",))
-        process.join(10)
-        if process.is_alive():
-            process.kill()
-
-
-async def fill_outbox(path: Path, ids: list[str], marker: str) -> None:
-    """Queue one update per contact with the outbox's own enqueue code, many per commit."""
-    outbox = await SqliteOutbox.open(path)
-    try:
-        now = time.time()
-
-        def enqueue_all(changes: list[NewChange], conn: sqlite3.Connection) -> None:
-            for change in changes:
-                _rows.enqueue(conn, change, now)
-
-        for start in range(0, len(ids), 10_000):
-            changes = [
-                NewChange(
-                    Operation.UPDATE,
-                    contact_key=f"id:{guid}",
-                    body=body_for(marker, index),
-                    contact_id=guid,
-                    reason=REASON,
-                )
-                for index, guid in enumerate(ids[start : start + 10_000], start)
-            ]
-            await outbox._write(functools.partial(enqueue_all, changes))
-    finally:
-        await outbox.close()
+    async with child_process(serve_fake, count) as pipe:
+        yield await asyncio.get_running_loop().run_in_executor(None, RemoteFake, pipe)
 
 
 async def baseline(fake: Fake, marker: str) -> float:
@@ -255,7 +214,7 @@ async def main(args: argparse.Namespace) -> None:
                 # a tenant of one contact type, whose updates go in bulk.
                 assume_default_contact_type=True,
             )
-            await fill_outbox(config.outbox_path, fake.ids, "Drain")
+            await fill_outbox(config.outbox_path, fake.ids, functools.partial(body_for, "Drain"))
             size_mb = config.outbox_path.stat().st_size / 2**20
             print(f"setup: seeded and queued in {time.perf_counter() - setup:.1f} s")
             print(f"outbox file {size_mb:.1f} MB before the drain")

@@ -28,11 +28,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
-import multiprocessing
 import os
 import signal
-import sqlite3
 import statistics
 import sys
 import tempfile
@@ -42,18 +39,23 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from _common import UPDATE_BODY, machine, make_config, percentile, print_table, verdict
+from _common import (
+    UPDATE_BODY,
+    child_process,
+    fill_outbox,
+    machine,
+    make_config,
+    percentile,
+    print_table,
+    verdict,
+)
 
 import engage_async as ea
-from engage_async import _rows
 from engage_async._budget import Budget, Permit, Priority
-from engage_async._changes import NewChange, Operation
-from engage_async._outbox import SqliteOutbox
 from engage_async.testing import FakeEngage
 
 RATE = 40.0
 TARGET_MS = 50.0
-REASON = "EngageConnectionError: PATCH /api/v3/contacts/{id}: cannot connect to Engage"
 
 
 # --- the fake, in a child process ------------------------------------------------------------
@@ -113,45 +115,8 @@ class RemoteFake:
 
 @contextlib.asynccontextmanager
 async def running_fake(count: int) -> AsyncIterator[RemoteFake]:
-    context = multiprocessing.get_context("spawn")
-    parent, child = context.Pipe()
-    process = context.Process(target=serve_fake, args=(child, count), daemon=True)
-    process.start()
-    child.close()
-    try:
-        yield await asyncio.get_running_loop().run_in_executor(None, RemoteFake, parent)
-    finally:
-        with contextlib.suppress(OSError):
-            parent.send(("stop",))
-        process.join(10)
-        if process.is_alive():
-            process.kill()
-
-
-async def fill_outbox(path: Path, ids: list[str]) -> None:
-    """Queue one update per contact with the outbox's own enqueue code, many per commit."""
-    outbox = await SqliteOutbox.open(path)
-    try:
-        now = time.time()
-
-        def enqueue_all(changes: list[NewChange], conn: sqlite3.Connection) -> None:
-            for change in changes:
-                _rows.enqueue(conn, change, now)
-
-        for start in range(0, len(ids), 10_000):
-            changes = [
-                NewChange(
-                    Operation.UPDATE,
-                    contact_key=f"id:{guid}",
-                    body={**UPDATE_BODY, "lastName": f"Wait-{index}"},
-                    contact_id=guid,
-                    reason=REASON,
-                )
-                for index, guid in enumerate(ids[start : start + 10_000], start)
-            ]
-            await outbox._write(functools.partial(enqueue_all, changes))
-    finally:
-        await outbox.close()
+    async with child_process(serve_fake, count) as pipe:
+        yield await asyncio.get_running_loop().run_in_executor(None, RemoteFake, pipe)
 
 
 # --- measuring the wait ------------------------------------------------------------------------
@@ -270,7 +235,11 @@ async def main(args: argparse.Namespace) -> None:
                 try:
                     flusher.start()
                     await phase("baseline: flusher idle")
-                    await fill_outbox(config.outbox_path, fake.ids)
+                    await fill_outbox(
+                        config.outbox_path,
+                        fake.ids,
+                        lambda index: {**UPDATE_BODY, "lastName": f"Wait-{index}"},
+                    )
                     await asyncio.sleep(1.0)  # the flusher wakes and reaches its pace
                     await phase("in-app flusher draining")
                     sidecar = await asyncio.create_subprocess_exec(

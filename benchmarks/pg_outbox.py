@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from _common import UPDATE_BODY, USER_AGENT, machine, print_table, verdict
+from _common import REASON, UPDATE_BODY, USER_AGENT, machine, print_table, verdict
 
 from engage_async._changes import NewChange, Operation, dumps
 from engage_async._pg_outbox import PgOutbox
@@ -52,7 +52,6 @@ SEQUENTIAL_TARGET = 1.5
 CONCURRENT_TARGET = 3.0
 DRAIN_TARGET = 5000.0
 BULK_MAX = 4000
-REASON = "EngageConnectionError: PATCH /api/v3/contacts/{id}: cannot connect to Engage"
 
 
 def update_of(guid: str, body: dict[str, Any] | None = None) -> NewChange:
