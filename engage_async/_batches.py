@@ -18,7 +18,7 @@ from ._changes import Batch, Change, Operation
 from ._config import EngageConfig
 from ._errors import EngageHTTPError
 from ._flush_run import FlushRun, work_through
-from ._redact import scrub
+from ._redact import scrub, sent_values, without
 
 __all__ = ["BatchFollower", "attribute_failures", "created_guids"]
 
@@ -61,7 +61,9 @@ def attribute_failures(
             resend.add(row.seq)
             continue
         message = failure.message or "rejected in a bulk batch"
-        failed[row.seq] = (failure.error_code, scrub(message))
+        # Kept as the change's last error and shown by `outbox list`: none of what the item
+        # sent (its name, its street) may be read there.
+        failed[row.seq] = (failure.error_code, scrub(without(message, sent_values(row.body))))
     if status.failed_count is not None and status.failed_count > len(status.failures):
         unclear = True
     if unclear:

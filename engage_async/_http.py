@@ -32,7 +32,7 @@ from ._errors import (
     UnexpectedResponse,
 )
 from ._keys import LOOKUP_PARAMETERS
-from ._redact import scrub
+from ._redact import SHORTEST_VALUE, scrub, sent_values
 
 __all__ = [
     "Call",
@@ -264,12 +264,8 @@ _QUERY_OR_ENCODED = re.compile(
     r"\?[^\s\"'<>#?=]*=[^\s\"'<>#]*|[^\s\"'<>(),;:\[\]{}%]+%40[^\s\"'<>(),;:\[\]{}]+"
 )
 _PERSONAL_PARAMETERS: Final = frozenset(LOOKUP_PARAMETERS.values())
-# Shorter sent values are not masked where an answer repeats them: "SE" or "12" would blank
-# out half of an error message, and say nothing about a person.
-_SHORTEST_ECHO: Final = 3
 # Printable ASCII without a quote or backslash: JSON writes it unchanged.
 _PLAIN_JSON = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]*")
-_SHORTEST_NUMBER_ECHO: Final = 6
 # Details are kept from error bodies up to this size; Engage's are a few hundred bytes.
 _MAX_DETAILS_BODY: Final = 256 * 1024
 _DETAILS_DEPTH: Final = 32
@@ -354,7 +350,7 @@ def _echoes(call: Call, answer: str) -> tuple[str, ...]:
     groups: list[tuple[str, ...]] = [
         (value, quote(value, safe=""), quote_plus(value))
         for name, value in call.query
-        if name in _PERSONAL_PARAMETERS and len(value) >= _SHORTEST_ECHO
+        if name in _PERSONAL_PARAMETERS and len(value) >= SHORTEST_VALUE
     ]
     if call.body and answer.strip():
         groups += [_json_forms(text) for text in _sent_texts(call.body)]
@@ -372,29 +368,13 @@ def _json_forms(text: str) -> tuple[str, ...]:
 
 
 def _sent_texts(body: bytes) -> set[str]:
-    """Every text (and long number) in a JSON body we sent. Only asked on an error, so a bulk
+    """The values of a JSON body we sent (`sent_values`). Only asked on an error, so a bulk
     body's cost is paid only then.
     """
     try:
-        data = json.loads(body)
+        return sent_values(json.loads(body))
     except ValueError:
         return set()
-    found: set[str] = set()
-    stack = [data]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, str):
-            if len(value) >= _SHORTEST_ECHO:
-                found.add(value)
-        elif isinstance(value, Mapping):
-            stack.extend(value.values())
-        elif isinstance(value, list):
-            stack.extend(value)
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            text = str(value)
-            if len(text) >= _SHORTEST_NUMBER_ECHO:  # a personal or member number sent as one
-                found.add(text)
-    return found
 
 
 def _safe_text(text: str, echoes: tuple[str, ...] = (), limit: int = MAX_BODY) -> str:

@@ -124,6 +124,22 @@ def test_failures_are_matched_by_index_then_id_then_key() -> None:
     assert set() == resend
 
 
+def test_a_failure_repeating_what_its_item_sent_keeps_none_of_it() -> None:
+    """Engage's reason for a failed item may quote the item's own values (a name, a street,
+    a number): the reason kept as the change's last error has none of them, nor emails.
+    """
+    body = {"lastName": "Ålandersson", "street": "Storgatan 12", "memberNumber": 19121212}
+    rows = [change(10, batch_index=0, body=body)]
+    reason = "lastName Ålandersson at Storgatan 12 (19121212, anna@example.com) is refused"
+    status = BatchStatus(
+        finished=True, failures=(ItemFailure(index=0, error_code="Invalid", message=reason),)
+    )
+
+    failed, _ = attribute_failures(rows, status)
+
+    assert {10: ("Invalid", "lastName *** at *** (***, ***) is refused")} == failed
+
+
 def test_unclear_failures_send_the_rest_again() -> None:
     """A failure naming no row, or more failures counted than listed, sends every row not
     known to have failed again, one by one.
