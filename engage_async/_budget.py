@@ -505,6 +505,9 @@ class Permit:
     taken: float
 
 
+_B = TypeVar("_B", bound="SharedBudget")
+
+
 class SharedBudget:
     """What every budget of one Engage key in this process does, wherever its slots live
     (`Budget`: a file on this host; `_pg_budget.PgBudget`: a database row for every host):
@@ -527,13 +530,32 @@ class SharedBudget:
         self._returned = asyncio.Event()
         self._pacer = Pacer()
 
-    def _lower_rate(self, rate: float) -> None:
-        """A second user of this key in this process asked for `rate`: the lower one wins
-        (either may be the one that knows the tenant's limit), with a warning.
+    @classmethod
+    def _one_per(
+        cls,
+        registry: dict[Any, _B],
+        place: tuple[Any, ...],
+        rate: float,
+        make: Callable[[Callable[[], None]], _B],
+    ) -> _B:
+        """The budget `registry` keeps for `place` (with this event loop: asyncio locks belong
+        to one loop), made by `make(forget)` on first use, with one more user. A second user
+        asking for another rate: the lower one wins (either may be the one that knows the
+        tenant's limit), with a warning.
         """
-        if rate < self.rate:
+        registry_key = (*place, id(asyncio.get_running_loop()))
+        budget = registry.get(registry_key)
+        if budget is None:
+
+            def forget() -> None:
+                registry.pop(registry_key, None)
+
+            budget = registry[registry_key] = make(forget)
+        elif rate < budget.rate:
             log.warning("two rate_limit values for one Engage key in this process; using %g", rate)
-            self.rate, self.shape = rate, shape(rate)
+            budget.rate, budget.shape = rate, shape(rate)
+        budget._users += 1
+        return budget
 
     async def _attempt(self, priority: Priority) -> tuple[Permit | None, float]:
         """A slot now, or (None, seconds until it is worth looking again)."""
@@ -589,8 +611,8 @@ class Budget(SharedBudget):
         super().__init__(key, rate, clock, on_close)
         self._store = store
 
-    # One per tenant, key, file and event loop in this process (asyncio locks belong to one
-    # loop; processes and loops meet in the file).
+    # One per tenant, key, file and event loop in this process (processes and loops meet in
+    # the file).
     _registry: dict[tuple[str, bytes, str, int], Budget] = {}  # noqa: RUF012 - on purpose
 
     @classmethod
@@ -607,20 +629,14 @@ class Budget(SharedBudget):
         """
         key = budget_key(base_url, api_key)
         where = "" if store_path is None else str(Path(store_path).resolve())
-        registry_key = (base_url, key, where, id(asyncio.get_running_loop()))
-        budget = cls._registry.get(registry_key)
-        if budget is None:
-
-            def forget() -> None:
-                cls._registry.pop(registry_key, None)
-
-            store = BudgetFile(Path(where) if where else None)
-            budget = cls(store, key, rate, clock, on_close=forget)
-            cls._registry[registry_key] = budget
-        else:
-            budget._lower_rate(rate)
-        budget._users += 1
-        return budget
+        return cls._one_per(
+            cls._registry,
+            (base_url, key, where),
+            rate,
+            lambda forget: cls(
+                BudgetFile(Path(where) if where else None), key, rate, clock, forget
+            ),
+        )
 
     def release_user(self) -> None:
         """One user is done with the budget; the last one closes its file."""

@@ -99,19 +99,12 @@ class PgBudget(SharedBudget):
         two rates is kept, with a warning, as `Budget.shared` does).
         """
         key = budget_key(base_url, api_key)
-        registry_key = (url, schema, key, id(asyncio.get_running_loop()))
-        budget = cls._registry.get(registry_key)
-        if budget is None:
-
-            def forget() -> None:
-                cls._registry.pop(registry_key, None)
-
-            budget = cls(url, schema, key, rate, clock, on_close=forget)
-            cls._registry[registry_key] = budget
-        else:
-            budget._lower_rate(rate)
-        budget._users += 1
-        return budget
+        return cls._one_per(
+            cls._registry,
+            (url, schema, key),
+            rate,
+            lambda forget: cls(url, schema, key, rate, clock, on_close=forget),
+        )
 
     def release_user(self) -> None:
         """One user is done; the last one closes the connection (see `leave`)."""
